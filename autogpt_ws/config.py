@@ -1,0 +1,542 @@
+"""Settings: one loader for every runner.
+
+Precedence, lowest first: built-in defaults < ``config.yaml`` < environment
+variables < command-line overrides.  Every setting is declared once in
+``FIELDS`` (key, kind, default, environment names, one line of doc); the
+loader, the validation, ``config.yaml`` and the README table all follow it.
+A bad value raises :class:`ConfigError` naming the setting and where it came
+from; the runners turn that into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+DEFAULT_USER_ID = "3e53486c-cf57-477e-ba2a-cb02dc828e1a"
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class ConfigError(Exception):
+    """A setting has a bad value. ``str()`` is the one line shown to the user."""
+
+    def __init__(self, key: str, problem: str, source: str = "") -> None:
+        self.key = key
+        self.problem = problem
+        self.source = source
+        where = f" (from {source})" if source else ""
+        super().__init__(f"configuration error: {key}{where}: {problem}")
+
+
+# ---------------------------------------------------------------------------
+# value converters: raw (str from env/CLI, or a YAML value) -> typed value
+
+
+def _to_str(raw: Any) -> str:
+    if raw is None:
+        return ""
+    if isinstance(raw, (dict, list)):
+        raise ValueError("must be a string")
+    return str(raw)
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean (use true or false)")
+
+
+def _to_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError(f"{raw!r} is not an integer")
+    if isinstance(raw, int):
+        return raw
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        raise ValueError(f"{raw!r} is not an integer") from None
+
+
+def _to_float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(f"{raw!r} is not a number")
+    try:
+        return float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number") from None
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": 1024 * MiB}
+
+
+def _to_size(raw: Any) -> int:
+    """Bytes: an integer, or a number with K/KiB, M/MiB, G/GiB."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    match = _SIZE.match(str(raw))
+    if not match:
+        raise ValueError(f"{raw!r} is not a size in bytes (e.g. 65536, 64KiB, 1MiB)")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _UNITS[unit]
+
+
+def _to_list(raw: Any) -> tuple[str, ...]:
+    """A YAML list, a JSON list, or a comma-separated string."""
+    if raw is None:
+        return ()
+    if isinstance(raw, (list, tuple)):
+        items = list(raw)
+    else:
+        text = str(raw).strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except ValueError:
+                raise ValueError(f"{text!r} is not a JSON list") from None
+            if not isinstance(items, list):
+                raise ValueError(f"{text!r} is not a JSON list")
+        else:
+            items = [part for part in text.split(",")]
+    out = []
+    for item in items:
+        if not isinstance(item, (str, int, float)) or isinstance(item, bool):
+            raise ValueError(f"list item {item!r} is not a string")
+        text = str(item).strip()
+        if text:
+            out.append(text)
+    return tuple(out)
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "str": _to_str,
+    "bool": _to_bool,
+    "int": _to_int,
+    "float": _to_float,
+    "size": _to_size,
+    "list": _to_list,
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    key: str
+    kind: str
+    default: Any
+    env: tuple[str, ...]
+    doc: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    section: str = ""
+
+
+def _f(key: str, kind: str, default: Any, env: str | tuple[str, ...], doc: str,
+       choices: tuple[str, ...] = (), minimum: float | None = None) -> Field:
+    return Field(key, kind, default, (env,) if isinstance(env, str) else env, doc, choices, minimum)
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+JWT_ALGORITHMS = (
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
+    "PS256", "PS384", "PS512", "EdDSA",
+)
+
+SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
+    ("Server", (
+        _f("host", "str", "0.0.0.0", "WEBSOCKET_SERVER_HOST", "interface to bind"),
+        _f("port", "int", 8001, "WEBSOCKET_SERVER_PORT", "TCP port for HTTP and the WebSocket", minimum=0),
+        _f("listen", "str", "", "AUTOGPT_WS_LISTEN",
+           "Twisted endpoint string (tcp:8001, ssl:8443:privateKey=k.pem:certKey=c.pem); overrides host and port"),
+        _f("workers", "int", 1, "AUTOGPT_WS_WORKERS",
+           "server processes sharing the port (SO_REUSEPORT); 1 runs in-process", minimum=1),
+        _f("app_env", "str", "local", "APP_ENV", "deployment name; prod refuses localhost CORS origins"),
+        _f("log_level", "str", "info", "LOG_LEVEL", "lowest level logged", choices=LOG_LEVELS),
+        _f("log_format", "str", "text", "LOG_FORMAT", "text, or json (one object per line)",
+           choices=("text", "json")),
+        _f("shutdown_timeout", "float", 10.0, "AUTOGPT_WS_SHUTDOWN_TIMEOUT",
+           "seconds to wait for sockets to close (1001) on shutdown before aborting them", minimum=0),
+    )),
+    ("Authentication", (
+        _f("enable_auth", "bool", True, "ENABLE_AUTH", "verify a JWT at the handshake; false: every socket is the default user"),
+        _f("jwt_verify_key", "str", "", ("JWT_VERIFY_KEY", "SUPABASE_JWT_SECRET"),
+           "shared secret (HS*) or PEM public key; JWT_VERIFY_KEY, falling back to SUPABASE_JWT_SECRET"),
+        _f("jwt_verify_key_file", "str", "", "JWT_VERIFY_KEY_FILE", "read jwt_verify_key from this file instead"),
+        _f("jwt_sign_algorithm", "str", "HS256", "JWT_SIGN_ALGORITHM", "algorithm of jwt_verify_key",
+           choices=JWT_ALGORITHMS),
+        _f("jwt_jwks_url", "str", "", "JWT_JWKS_URL", "key-set mode: http(s):// or file:// URL of a JWKS; wins over jwt_verify_key"),
+        _f("jwt_jwks_algorithms", "list", ("ES256", "RS256", "EdDSA"), "JWT_JWKS_ALGORITHMS",
+           "algorithms accepted in key-set mode (HS* and none refused)"),
+        _f("jwt_jwks_timeout", "float", 5.0, "JWT_JWKS_TIMEOUT", "seconds allowed for one key-set fetch", minimum=0.1),
+        _f("jwt_jwks_refetch_interval", "float", 60.0, "JWT_JWKS_REFETCH_INTERVAL",
+           "an unknown kid refetches the key set at most this often (seconds)", minimum=0),
+        _f("jwt_audience", "str", "authenticated", "JWT_AUDIENCE", "required audience"),
+        _f("jwt_leeway", "float", 0.0, "JWT_LEEWAY", "clock skew allowed on exp/nbf/iat (seconds)", minimum=0),
+        _f("auth_failure", "str", "close", "AUTH_FAILURE",
+           "close: complete the handshake then close 4001/4002/4003; http: refuse the upgrade with 403",
+           choices=("close", "http")),
+        _f("token_expiry_close", "bool", True, "TOKEN_EXPIRY_CLOSE", "close a socket with 4003 Token expired when its token's exp passes"),
+        _f("token_expiry_grace", "float", 0.0, "TOKEN_EXPIRY_GRACE", "seconds after exp before that close", minimum=0),
+    )),
+    ("HTTP", (
+        _f("cors_allow_origins", "list", ("http://localhost:3000",), "BACKEND_CORS_ALLOW_ORIGINS",
+           "CORS origins for HTTP routes (JSON list; entries may be regex:<pattern>)"),
+        _f("enable_metrics", "bool", False, "ENABLE_METRICS", "serve Prometheus metrics on /metrics"),
+    )),
+    ("Event bus", (
+        _f("event_bus", "str", "memory", "EVENT_BUS", "memory (embedded), redis (classic PSUBSCRIBE) or redis-cluster (sharded)",
+           choices=("memory", "redis", "redis-cluster")),
+        _f("execution_event_bus_name", "str", "execution_event", "EXECUTION_EVENT_BUS_NAME", "execution events channel prefix"),
+        _f("notification_event_bus_name", "str", "notification_event", "NOTIFICATION_EVENT_BUS_NAME", "notifications channel prefix"),
+        _f("redis_url", "str", "", "REDIS_URL", "redis:// or rediss:// URL; wins over the redis_* settings below"),
+        _f("redis_host", "str", "localhost", "REDIS_HOST", "Redis host"),
+        _f("redis_port", "int", 6379, "REDIS_PORT", "Redis port", minimum=1),
+        _f("redis_username", "str", "", "REDIS_USERNAME", "Redis ACL user (empty: default user)"),
+        _f("redis_password", "str", "", "REDIS_PASSWORD", "Redis password"),
+        _f("redis_db", "int", 0, "REDIS_DB", "Redis database number", minimum=0),
+        _f("redis_tls", "bool", False, "REDIS_TLS", "connect to Redis over TLS, verifying its name"),
+        _f("redis_tls_ca_file", "str", "", "REDIS_TLS_CA_FILE", "CA bundle for Redis TLS (empty: system trust)"),
+        _f("redis_connect_timeout", "float", 5.0, "REDIS_CONNECT_TIMEOUT", "seconds allowed to connect to Redis", minimum=0.1),
+        _f("redis_cluster_host", "str", "", "REDIS_CLUSTER_HOST", "redis-cluster: one seed node host"),
+        _f("redis_cluster_port", "int", 7000, "REDIS_CLUSTER_PORT", "redis-cluster: that seed node's port", minimum=1),
+        _f("redis_cluster_nodes", "list", (), "REDIS_CLUSTER_NODES", "redis-cluster: more seed nodes, host:port"),
+        _f("database_url", "str", "", "DATABASE_URL", "redis-cluster: AutoGPT PostgreSQL, to find an execution's graph"),
+        _f("execution_not_found_reply", "bool", False, "EXECUTION_NOT_FOUND_REPLY",
+           "redis-cluster: answer an unknown execution with error 'Execution not found' (default: no reply)"),
+        _f("max_message_size_limit", "size", 16 * MiB, "MAX_MESSAGE_SIZE_LIMIT",
+           "largest event envelope published or accepted from the bus", minimum=1),
+    )),
+    ("WebSocket limits", (
+        _f("max_inbound_frame", "size", 64 * KiB, "WS_MAX_MESSAGE_SIZE", "largest client message; over it: close 1009", minimum=16),
+        _f("max_send_buffer", "size", 1 * MiB, "WS_MAX_SEND_BUFFER", "unsent bytes a socket may hold; over it: close 1013 slow consumer", minimum=1024),
+        _f("max_connections", "int", 20000, "WS_MAX_CONNECTIONS", "open sockets; beyond it the upgrade gets HTTP 503 (0: no limit)", minimum=0),
+        _f("max_connections_per_user", "int", 64, "WS_MAX_CONNECTIONS_PER_USER", "sockets per user; beyond it: close 1008 (0: no limit)", minimum=0),
+        _f("max_subscriptions_per_socket", "int", 1000, "WS_MAX_SUBSCRIPTIONS", "subscriptions per socket; beyond it: error Subscription limit reached (0: no limit)", minimum=0),
+        _f("rate_limit", "float", 20.0, "WS_RATE_LIMIT", "client frames per second per socket, sustained (0: no limit)", minimum=0),
+        _f("rate_burst", "int", 60, "WS_RATE_BURST", "client frames allowed at once above the rate", minimum=1),
+        _f("rate_abuse_close", "int", 100, "WS_RATE_ABUSE_CLOSE", "frames refused in a row before closing 1008", minimum=1),
+        _f("open_handshake_timeout", "float", 10.0, "WS_OPEN_HANDSHAKE_TIMEOUT", "seconds for a client to complete the upgrade", minimum=0),
+        _f("ping_interval", "float", 20.0, "WS_PING_INTERVAL", "protocol ping every N seconds (0: off)", minimum=0),
+        _f("ping_timeout", "float", 20.0, "WS_PING_TIMEOUT", "close a socket whose pong is this late", minimum=0),
+        _f("permessage_deflate", "bool", True, "WS_PERMESSAGE_DEFLATE", "accept permessage-deflate when a client offers it"),
+        _f("ws_allowed_origins", "list", (), "WS_ALLOWED_ORIGINS", "upgrade Origin allow-list, exact or regex:<pattern> (empty: any)"),
+        _f("ws_allow_missing_origin", "bool", True, "WS_ALLOW_MISSING_ORIGIN", "with an allow-list, accept upgrades that carry no Origin"),
+    )),
+    ("Catch-up on subscribe", (
+        _f("catchup_enabled", "bool", True, "CATCHUP_ENABLED", "replay the latest graph event of an execution on subscribe"),
+        _f("catchup_max_bytes", "size", 64 * MiB, "CATCHUP_MAX_BYTES", "bytes of events kept for catch-up", minimum=0),
+        _f("catchup_max_age", "float", 3600.0, "CATCHUP_MAX_AGE", "seconds an execution's latest event is kept", minimum=0),
+        _f("catchup_recent_final", "float", 300.0, "CATCHUP_RECENT_FINAL", "graph-wide catch-up includes runs that ended this recently (s)", minimum=0),
+        _f("catchup_graph_limit", "int", 50, "CATCHUP_GRAPH_LIMIT", "most events replayed on a graph-wide subscribe", minimum=0),
+    )),
+)
+
+FIELDS: tuple[Field, ...] = tuple(
+    dataclasses.replace(f, section=name) for name, fields in SECTIONS for f in fields
+)
+BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, typed and validated. Built only by :func:`load`."""
+
+    host: str = "0.0.0.0"
+    port: int = 8001
+    listen: str = ""
+    workers: int = 1
+    app_env: str = "local"
+    log_level: str = "info"
+    log_format: str = "text"
+    shutdown_timeout: float = 10.0
+    enable_auth: bool = True
+    jwt_verify_key: str = ""
+    jwt_verify_key_file: str = ""
+    jwt_sign_algorithm: str = "HS256"
+    jwt_jwks_url: str = ""
+    jwt_jwks_algorithms: tuple[str, ...] = ("ES256", "RS256", "EdDSA")
+    jwt_jwks_timeout: float = 5.0
+    jwt_jwks_refetch_interval: float = 60.0
+    jwt_audience: str = "authenticated"
+    jwt_leeway: float = 0.0
+    auth_failure: str = "close"
+    token_expiry_close: bool = True
+    token_expiry_grace: float = 0.0
+    cors_allow_origins: tuple[str, ...] = ("http://localhost:3000",)
+    enable_metrics: bool = False
+    event_bus: str = "memory"
+    execution_event_bus_name: str = "execution_event"
+    notification_event_bus_name: str = "notification_event"
+    redis_url: str = ""
+    redis_host: str = "localhost"
+    redis_port: int = 6379
+    redis_username: str = ""
+    redis_password: str = ""
+    redis_db: int = 0
+    redis_tls: bool = False
+    redis_tls_ca_file: str = ""
+    redis_connect_timeout: float = 5.0
+    redis_cluster_host: str = ""
+    redis_cluster_port: int = 7000
+    redis_cluster_nodes: tuple[str, ...] = ()
+    database_url: str = ""
+    execution_not_found_reply: bool = False
+    max_message_size_limit: int = 16 * MiB
+    max_inbound_frame: int = 64 * KiB
+    max_send_buffer: int = 1 * MiB
+    max_connections: int = 20000
+    max_connections_per_user: int = 64
+    max_subscriptions_per_socket: int = 1000
+    rate_limit: float = 20.0
+    rate_burst: int = 60
+    rate_abuse_close: int = 100
+    open_handshake_timeout: float = 10.0
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    permessage_deflate: bool = True
+    ws_allowed_origins: tuple[str, ...] = ()
+    ws_allow_missing_origin: bool = True
+    catchup_enabled: bool = True
+    catchup_max_bytes: int = 64 * MiB
+    catchup_max_age: float = 3600.0
+    catchup_recent_final: float = 300.0
+    catchup_graph_limit: int = 50
+
+    @property
+    def endpoint(self) -> str:
+        """The Twisted server endpoint string this server listens on."""
+        if self.listen:
+            return self.listen
+        host = self.host.replace(":", "\\:")
+        return f"tcp:{self.port}:interface={host}"
+
+    @property
+    def auth_mode(self) -> str:
+        if not self.enable_auth:
+            return "disabled"
+        return "jwks" if self.jwt_jwks_url else "secret"
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """Read a config.yaml; unknown keys and bad YAML are ConfigErrors."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file {path!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("config", f"{path!r} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path!r} must hold a mapping of settings")
+    for key in data:
+        if key not in BY_KEY:
+            raise ConfigError(str(key), f"unknown setting in {path}")
+    return dict(data)
+
+
+def _convert(field: Field, raw: Any, source: str) -> Any:
+    try:
+        value = _CONVERT[field.kind](raw)
+    except ValueError as exc:
+        raise ConfigError(field.key, str(exc), source) from None
+    if field.choices and value not in field.choices:
+        # log levels and bus names are case-insensitive for convenience
+        lowered = {c.lower(): c for c in field.choices}
+        if isinstance(value, str) and value.lower() in lowered:
+            value = lowered[value.lower()]
+        else:
+            raise ConfigError(field.key, f"{value!r} is not one of {', '.join(field.choices)}", source)
+    if field.minimum is not None and value < field.minimum:
+        raise ConfigError(field.key, f"{value!r} is below the minimum {field.minimum:g}", source)
+    return value
+
+
+def load(
+    file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated Settings: defaults < file < env < overrides.
+
+    ``file`` None means no file; ``env`` None means ``os.environ``.
+    ``overrides`` maps setting keys to raw values (strings from the command
+    line, or typed values); None values are skipped.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if file:
+        for key, raw in read_file(file).items():
+            values[key] = _convert(BY_KEY[key], raw, file)
+    for field in FIELDS:
+        for name in field.env:
+            raw = env.get(name)
+            # an empty variable counts only where it is the sole name
+            if raw is not None and (raw.strip() or (field.kind == "str" and len(field.env) == 1)):
+                values[field.key] = _convert(field, raw, f"${name}")
+                break
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in BY_KEY:
+            raise ConfigError(key, "unknown setting", "command line")
+        values[key] = _convert(BY_KEY[key], raw, "command line")
+    settings = Settings(**values)
+    return validate(settings)
+
+
+def validate(settings: Settings) -> Settings:
+    """Checks that span settings or touch the filesystem. Returns the
+    settings, with jwt_verify_key read from its file when one is named."""
+    if settings.port > 65535:
+        raise ConfigError("port", f"{settings.port} is not a valid port (0-65535)")
+    if settings.listen:
+        _check_endpoint(settings.listen)
+    if settings.jwt_verify_key_file:
+        try:
+            with open(settings.jwt_verify_key_file, encoding="utf-8") as handle:
+                settings = settings.replace(jwt_verify_key=handle.read().strip())
+        except OSError as exc:
+            raise ConfigError("jwt_verify_key_file", f"cannot read {settings.jwt_verify_key_file!r}: {exc.strerror}") from None
+    if settings.enable_auth:
+        if settings.jwt_jwks_url:
+            _check_jwks(settings)
+        elif not settings.jwt_verify_key.strip():
+            raise ConfigError("jwt_verify_key", "required when enable_auth is true (set JWT_VERIFY_KEY, or JWT_JWKS_URL, or ENABLE_AUTH=false)")
+    for origin in settings.cors_allow_origins + settings.ws_allowed_origins:
+        if origin.startswith("regex:"):
+            try:
+                re.compile(origin[6:])
+            except re.error as exc:
+                raise ConfigError("cors_allow_origins" if origin in settings.cors_allow_origins else "ws_allowed_origins",
+                                  f"bad regex {origin!r}: {exc}") from None
+    if settings.app_env.lower() in ("prod", "production"):
+        for origin in settings.cors_allow_origins:
+            if re.search(r"(localhost|127\.0\.0\.1)", origin):
+                raise ConfigError("cors_allow_origins", f"{origin!r} is a localhost origin, refused when APP_ENV=prod")
+    if settings.redis_url and not re.match(r"^rediss?://", settings.redis_url):
+        raise ConfigError("redis_url", f"{_redact_url(settings.redis_url)!r} must start with redis:// or rediss://")
+    if settings.redis_tls_ca_file and not os.path.isfile(settings.redis_tls_ca_file):
+        raise ConfigError("redis_tls_ca_file", f"file {settings.redis_tls_ca_file!r} does not exist")
+    for node in settings.redis_cluster_nodes:
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("redis_cluster_nodes", f"{node!r} is not host:port")
+    if settings.event_bus == "redis-cluster" and not (settings.redis_cluster_host or settings.redis_cluster_nodes):
+        raise ConfigError("redis_cluster_host", "required when event_bus is redis-cluster (or list redis_cluster_nodes)")
+    return settings
+
+
+def _check_jwks(settings: Settings) -> None:
+    url = settings.jwt_jwks_url
+    if not re.match(r"^(https?|file)://", url):
+        raise ConfigError("jwt_jwks_url", f"{url!r} must be an http://, https:// or file:// URL")
+    if url.startswith("file://") and not os.path.isfile(url[7:]):
+        raise ConfigError("jwt_jwks_url", f"file {url[7:]!r} does not exist")
+    if not settings.jwt_jwks_algorithms:
+        raise ConfigError("jwt_jwks_algorithms", "must name at least one algorithm")
+    for alg in settings.jwt_jwks_algorithms:
+        if alg.upper().startswith("HS") or alg.lower() == "none":
+            raise ConfigError("jwt_jwks_algorithms", f"{alg!r} is refused in key-set mode (asymmetric algorithms only)")
+        if alg not in JWT_ALGORITHMS:
+            raise ConfigError("jwt_jwks_algorithms", f"{alg!r} is not a known algorithm")
+
+
+_KEY_OPTIONS = ("privateKey", "certKey", "extraCertChain", "caCertsDir", "dhParameters")
+
+
+def _check_endpoint(description: str) -> None:
+    """Reject what would fail at listen time: unknown types, bad ports,
+    missing key files."""
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl", "unix", "systemd"):
+        raise ConfigError("listen", f"{description!r}: unsupported endpoint type {kind!r} (tcp, tcp6, ssl, unix, systemd)")
+    args = re.split(r"(?<!\\):", rest) if rest else []
+    if kind in ("tcp", "tcp6", "ssl"):
+        port = next((a for a in args if "=" not in a), None)
+        port = port if port is not None else next((a[5:] for a in args if a.startswith("port=")), "")
+        if not port.isdigit() or int(port) > 65535:
+            raise ConfigError("listen", f"{description!r}: port {port!r} is not a valid port")
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if sep and name in _KEY_OPTIONS and value and not os.path.exists(value.replace("\\:", ":")):
+            raise ConfigError("listen", f"{name} file {value!r} does not exist")
+    if kind == "ssl" and not any(a.startswith("privateKey=") for a in args):
+        raise ConfigError("listen", f"{description!r}: ssl endpoints need privateKey=<file>")
+
+
+def _redact_url(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def redis_address(settings: Settings) -> dict[str, Any]:
+    """host, port, username, password, db, tls for the classic bus."""
+    if settings.redis_url:
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(settings.redis_url)
+        db = parts.path.lstrip("/")
+        return {
+            "host": parts.hostname or "localhost",
+            "port": parts.port or 6379,
+            "username": unquote(parts.username or ""),
+            "password": unquote(parts.password or "") or settings.redis_password,
+            "db": int(db) if db.isdigit() else settings.redis_db,
+            "tls": parts.scheme == "rediss",
+        }
+    return {
+        "host": settings.redis_host,
+        "port": settings.redis_port,
+        "username": settings.redis_username,
+        "password": settings.redis_password,
+        "db": settings.redis_db,
+        "tls": settings.redis_tls,
+    }
+
+
+def config_file_from(argument: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The config file to read: --config, else $AUTOGPT_WS_CONFIG, else
+    ./config.yaml when present, else none."""
+    env = os.environ if env is None else env
+    if argument:
+        return argument
+    if env.get("AUTOGPT_WS_CONFIG"):
+        return env["AUTOGPT_WS_CONFIG"]
+    return "config.yaml" if os.path.isfile("config.yaml") else None
+
+
+def describe(fields: Iterable[Field] = FIELDS) -> list[tuple[str, str, str, str]]:
+    """(key, env, default, doc) rows for the README table."""
+    rows = []
+    for field in fields:
+        default = field.default
+        if isinstance(default, tuple):
+            default = json.dumps(list(default))
+        elif isinstance(default, bool):
+            default = str(default).lower()
+        rows.append((field.key, ", ".join(field.env), str(default) if default != "" else '""', field.doc))
+    return rows

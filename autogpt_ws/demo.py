@@ -1,0 +1,95 @@
+"""A simulated executor: realistic graph runs for one user, published the
+way AutoGPT's executors publish them (``--demo``).
+
+Every ``interval`` seconds a run of graph ``demo-graph`` starts: QUEUED,
+RUNNING, then each node QUEUED -> RUNNING -> COMPLETED with outputs, then
+the run COMPLETED, a notification at the end.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from .bus.channels import Layout
+from .config import DEFAULT_USER_ID
+from .publish import Publisher, graph_event, node_event, notification, publish_event, publish_notification
+
+log = Logger()
+
+DEMO_GRAPH = "demo-graph"
+NODES = (
+    ("input", "AgentInputBlock", {"name": "topic", "value": "Twisted"}, {"result": ["Twisted"]}),
+    ("llm", "AITextGeneratorBlock", {"prompt": "Write a haiku about Twisted"},
+     {"response": ["Deferreds fire late / the reactor never sleeps / callbacks bloom like rain"]}),
+    ("output", "AgentOutputBlock", {"name": "haiku"}, {"output": ["done ✓"]}),
+)
+
+
+class DemoExecutor(Service):
+    name = "demo"
+
+    def __init__(self, publisher: Publisher, layout: Layout, clock: Any,
+                 user_id: str = DEFAULT_USER_ID, interval: float = 10.0, step: float = 0.5,
+                 sharded: bool = False) -> None:
+        self.publisher = publisher
+        self.layout = layout
+        self.clock = clock
+        self.user_id = user_id
+        self.interval = interval
+        self.step = step
+        self.sharded = sharded
+        self.runs = 0
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._start_run)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True).addErrback(lambda f: log.failure("demo stopped", f))
+        log.info("demo executor: a run of graph {graph_id} for user {user_id} every {interval}s",
+                 graph_id=DEMO_GRAPH, user_id=self.user_id, interval=self.interval)
+
+    def stopService(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        super().stopService()
+
+    def _start_run(self) -> None:
+        self.runs += 1
+        self.run(f"demo-exec-{self.runs}-{uuid.uuid4().hex[:8]}").addErrback(
+            lambda f: log.failure("demo run failed", f))
+
+    @inlineCallbacks
+    def run(self, exec_id: str) -> Any:
+        """Publish one whole run, a step apart."""
+        log.info("demo run {graph_exec_id} of graph {graph_id} started", graph_exec_id=exec_id, graph_id=DEMO_GRAPH)
+        user, graph = self.user_id, DEMO_GRAPH
+        yield self._graph(exec_id, "QUEUED")
+        yield self._pause()
+        yield self._graph(exec_id, "RUNNING")
+        outputs: dict[str, list[Any]] = {}
+        for index, (node_id, block, inputs, out) in enumerate(NODES):
+            node_exec = f"{exec_id}-n{index}"
+            for status in ("QUEUED", "RUNNING", "COMPLETED"):
+                yield self._pause()
+                event = node_event(user, graph, exec_id, node_exec, status, node_id=node_id, block_id=block,
+                                   input_data=inputs, output_data=out if status == "COMPLETED" else {})
+                yield publish_event(self.publisher, self.layout, event, self.sharded)
+            outputs.update(out)
+        yield self._pause()
+        yield self._graph(exec_id, "COMPLETED", outputs=outputs, stats={"node_count": len(NODES)})
+        yield publish_notification(self.publisher, self.layout,
+                                   notification(user, "execution_completed", "Demo run finished", graph_exec_id=exec_id))
+
+    def _graph(self, exec_id: str, status: str, **extra: Any) -> Deferred[Any]:
+        event = graph_event(self.user_id, DEMO_GRAPH, exec_id, status, **extra)
+        return publish_event(self.publisher, self.layout, event, self.sharded)
+
+    def _pause(self) -> Deferred[None]:
+        return deferLater(self.clock, self.step, lambda: None)

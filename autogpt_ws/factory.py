@@ -1,0 +1,135 @@
+"""The Autobahn factory: protocol options from settings, the set of open
+sockets, admission at the upgrade, and closing every socket on shutdown."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from . import __version__
+from .auth import TokenVerifier
+from .config import Settings
+from .hub import Hub
+from .metrics import Stats
+from .origins import OriginList
+from .protocol import CLOSE_GOING_AWAY, ServerProtocol
+from .session import Catchup, ExecutionResolver, Session
+
+log = Logger()
+
+# twisted.internet.abstract.FileDescriptor.bufferSize: a transport asks its
+# producer to pause once this much is buffered.
+TRANSPORT_BUFFER = 2 ** 16
+
+
+def accept_deflate(offers: Sequence[Any]) -> PerMessageDeflateOfferAccept | None:
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
+class Admission:
+    """Checks made before authentication: capacity and the Origin policy."""
+
+    def __init__(self, settings: Settings, open_count: Any) -> None:
+        self._max = settings.max_connections
+        self._open_count = open_count
+        self._origins = OriginList(settings.ws_allowed_origins)
+        self._allow_missing = settings.ws_allow_missing_origin
+
+    def refuse(self, request: ConnectionRequest) -> ConnectionDeny | None:
+        if self._max and self._open_count() > self._max:
+            return _deny(503, "Service Unavailable", "capacity")
+        if self._origins:
+            origin = request.origin
+            if origin is None or origin == "null":
+                if not self._allow_missing:
+                    return _deny(403, "Forbidden", "origin_missing")
+            elif not self._origins.allows(origin):
+                return _deny(403, "Forbidden", "origin")
+        return None
+
+
+def _deny(code: int, reason: str, label: str) -> ConnectionDeny:
+    deny = ConnectionDeny(code, reason)
+    deny.label = label  # type: ignore[attr-defined]
+    return deny
+
+
+class WebsocketFactory(WebSocketServerFactory):
+    protocol = ServerProtocol
+    transport_buffer = TRANSPORT_BUFFER
+
+    def __init__(self, settings: Settings, hub: Hub, stats: Stats, verifier: TokenVerifier,
+                 reactor: Any, catchup: Catchup | None = None,
+                 resolver: ExecutionResolver | None = None) -> None:
+        super().__init__(server=f"autogpt-ws/{__version__}", reactor=reactor)
+        self.settings = settings
+        self.hub = hub
+        self.stats = stats
+        self.verifier = verifier
+        self.clock = reactor
+        self.catchup = catchup
+        self.resolver = resolver
+        self.sockets: set[ServerProtocol] = set()
+        self._drained: list[Deferred[None]] = []
+        self.admission = Admission(settings, lambda: len(self.sockets))
+        self.setProtocolOptions(
+            webStatus=False,
+            maxFramePayloadSize=settings.max_inbound_frame,
+            maxMessagePayloadSize=settings.max_inbound_frame,
+            autoPingInterval=settings.ping_interval,
+            autoPingTimeout=settings.ping_timeout,
+            openHandshakeTimeout=settings.open_handshake_timeout,
+            closeHandshakeTimeout=1,
+            failByDrop=False,
+            tcpNoDelay=True,
+            perMessageCompressionAccept=accept_deflate if settings.permessage_deflate else (lambda offers: None),
+        )
+
+    def session_for(self, proto: ServerProtocol) -> Session:
+        s = self.settings
+        return Session(proto, self.hub, self.stats, proto.send_reply, s.max_subscriptions_per_socket,
+                       self.catchup if s.catchup_enabled else None, self.resolver, s.execution_not_found_reply)
+
+    # -- shutdown -------------------------------------------------------------
+
+    def socket_closed(self, proto: ServerProtocol) -> None:
+        if not self.sockets and self._drained:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def close_all(self, timeout: float) -> Deferred[None]:
+        """Close every socket with 1001; abort those still open after
+        ``timeout`` seconds. Fires when none is left."""
+        if not self.sockets:
+            return succeed(None)
+        count = len(self.sockets)
+        log.info("closing {count} sockets (1001), waiting up to {timeout}s", count=count, timeout=timeout)
+        drained: Deferred[None] = Deferred()
+        self._drained.append(drained)
+        for proto in tuple(self.sockets):
+            proto.close(CLOSE_GOING_AWAY, "server shutting down")
+
+        def abort_rest() -> None:
+            left = tuple(self.sockets)
+            if left:
+                log.warn("aborting {count} sockets that did not close in time", count=len(left))
+            for proto in left:
+                proto.abort()
+
+        timer = self.clock.callLater(timeout, abort_rest)
+
+        def stop_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return drained.addBoth(stop_timer)

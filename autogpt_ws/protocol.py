@@ -1,0 +1,281 @@
+"""The Autobahn server protocol: handshake, frame dispatch, pushes, close.
+
+Everything protocol-level lives in :mod:`session` and :mod:`wire`; this
+module is the transport side: authenticate at the upgrade, feed frames to
+the session strictly in order, write pushed frames (raw, framed once, when
+the socket does not compress), watch the send buffer, and close with the
+right code.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol as _WS
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .auth import AuthFailure, Identity
+from .session import Session
+from .wire import ERR_RATE_LIMITED, OutFrame, error
+
+if TYPE_CHECKING:
+    from .factory import WebsocketFactory
+
+log = Logger()
+
+STATE_OPEN = _WS.STATE_OPEN
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013
+
+
+class ServerProtocol(WebSocketServerProtocol):
+    factory: "WebsocketFactory"
+
+    user_id: str = ""
+    _denied: AuthFailure | None = None
+    _expiry: IDelayedCall | None = None
+    _session: Session | None = None
+    _attached = False
+    _deflate = False
+    _paused = False
+    _backlog = 0
+    _busy: Deferred[None] | None = None
+    _inbox: deque[bytes] | None = None
+    _tokens = 0.0
+    _refill_at = 0.0
+    _refused = 0
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.keys: set[str] = set()
+        self.factory.sockets.add(self)
+        # twisted.web's HTTP channel registered itself as the producer of
+        # this transport before the upgrade took it over; we are the
+        # producer now, so pauses tell us our client is not reading.
+        transport: Any = self.transport
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        try:
+            transport.registerProducer(self, True)
+        except RuntimeError:
+            pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        factory = self.factory
+        factory.sockets.discard(self)
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        if self._attached:
+            self._attached = False
+            factory.hub.detach(self)
+            stats = factory.stats
+            stats.open_sockets -= 1
+            code = self.remoteCloseCode or self.localCloseCode
+            stats.sockets_closed[str(code) if code else "1006"] += 1
+        self._inbox = None
+        factory.socket_closed(self)
+
+    # IPushProducer: the transport tells us when its buffer fills and drains
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._backlog = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._backlog = 0
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- handshake ----------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> Deferred[None] | None:
+        factory = self.factory
+        refusal = factory.admission.refuse(request)
+        if refusal is not None:
+            factory.stats.handshakes_refused[getattr(refusal, "label", str(refusal.code))] += 1
+            raise refusal
+        tokens = request.params.get("token") or [None]
+        d = factory.verifier.verify(tokens[-1])
+        d.addCallbacks(self._authenticated, self._auth_failed)
+        return d
+
+    def _authenticated(self, identity: Identity) -> None:
+        self.user_id = identity.user_id
+        self._expires_at = identity.expires_at
+
+    def _auth_failed(self, failure: Failure) -> None:
+        failure.trap(AuthFailure)
+        exc: AuthFailure = failure.value
+        self.factory.stats.auth_failures[exc.detail or str(exc.code)] += 1
+        log.info("authentication failed ({detail}), close {code}", detail=exc.detail, code=exc.code)
+        if self.factory.settings.auth_failure == "http":
+            raise ConnectionDeny(403, "Forbidden")
+        self._denied = exc
+
+    def onOpen(self) -> None:
+        factory = self.factory
+        if self._denied is not None:
+            self.sendClose(self._denied.code, self._denied.reason)
+            return
+        self._deflate = self._perMessageCompress is not None
+        settings = factory.settings
+        per_user = settings.max_connections_per_user
+        if per_user and factory.hub.user_sockets(self.user_id) >= per_user:
+            factory.stats.handshakes_refused["per_user"] += 1
+            self.close(CLOSE_POLICY, "too many connections")
+            return
+        factory.hub.attach(self)
+        self._attached = True
+        factory.stats.open_sockets += 1
+        factory.stats.sockets_opened += 1
+        self._session = factory.session_for(self)
+        self._tokens = float(settings.rate_burst)
+        self._refill_at = factory.clock.seconds()
+        self._schedule_expiry()
+
+    def _schedule_expiry(self) -> None:
+        settings = self.factory.settings
+        expires_at = getattr(self, "_expires_at", None)
+        if expires_at is None or not settings.token_expiry_close:
+            return
+        clock = self.factory.clock
+        delay = max(0.0, expires_at + settings.token_expiry_grace - clock.seconds())
+        self._expiry = clock.callLater(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        log.info("token expired, closing socket of user {user_id}", user_id=self.user_id)
+        self.close(4003, "Token expired")
+
+    # -- inbound ------------------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._session is None or self.state != STATE_OPEN:
+            return  # unauthenticated or closing: no frame but the close is sent
+        if isBinary:
+            self.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
+            return
+        if not self._admit():
+            return
+        if self._busy is not None:
+            if self._inbox is None:
+                self._inbox = deque()
+            self._inbox.append(payload)
+            return
+        self._dispatch(payload)
+
+    def _admit(self) -> bool:
+        """Token bucket on client frames; sustained abuse closes 1008."""
+        settings = self.factory.settings
+        rate = settings.rate_limit
+        if not rate:
+            return True
+        now = self.factory.clock.seconds()
+        self._tokens = min(float(settings.rate_burst), self._tokens + (now - self._refill_at) * rate)
+        self._refill_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self._refused = 0
+            return True
+        self._refused += 1
+        self.factory.stats.rate_limited += 1
+        if self._refused >= settings.rate_abuse_close:
+            self.close(CLOSE_POLICY, "rate limit exceeded")
+        else:
+            self.sendMessage(error(ERR_RATE_LIMITED))
+        return False
+
+    def _dispatch(self, payload: bytes) -> None:
+        session = self._session
+        while session is not None:
+            try:
+                pending = session.handle(payload)
+            except Exception:
+                pending = None
+                self._handler_failed(Failure())
+            if pending is not None:
+                self._busy = pending
+                pending.addErrback(self._handler_failed)
+                pending.addBoth(self._resume)
+                return
+            if not self._inbox or self._busy is not None:
+                return
+            payload = self._inbox.popleft()
+            session = self._session
+
+    def _resume(self, _: object) -> None:
+        self._busy = None
+        if self._inbox:
+            self._dispatch(self._inbox.popleft())
+
+    def _handler_failed(self, failure: Failure) -> None:
+        # no reply for this frame; the socket stays usable
+        self.factory.stats.handler_errors += 1
+        log.failure("failed to handle a frame of user {user_id}", failure, user_id=self.user_id)
+
+    def send_reply(self, payload: bytes) -> None:
+        if self.state == STATE_OPEN:
+            self.sendMessage(payload)
+
+    # -- outbound -----------------------------------------------------------
+
+    def push(self, frame: OutFrame) -> None:
+        """Write a frame built for many sockets. Raw write of the shared
+        framing unless this socket compresses."""
+        if self.state != STATE_OPEN:
+            return
+        if self._deflate:
+            self.sendMessage(frame.payload)
+            size = len(frame.payload)
+        else:
+            wire = frame.wire
+            self.transport.write(wire)  # type: ignore[union-attr]
+            size = len(wire)
+        if self._paused:
+            self._backlog += size
+            if self._backlog + self.factory.transport_buffer > self.factory.settings.max_send_buffer:
+                self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        self.factory.stats.slow_consumer_closes += 1
+        log.info("slow consumer: closing socket of user {user_id} ({buffered} bytes unsent)",
+                 user_id=self.user_id, buffered=self._backlog + self.factory.transport_buffer)
+        self.close(CLOSE_TRY_AGAIN, "slow consumer")
+        # its buffer will not drain: do not wait for the closing handshake
+        self.factory.clock.callLater(0, self.abort)
+
+    # -- closing ------------------------------------------------------------
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with any code, 1001/1003/1008/1009/1013 included (sendClose
+        accepts only 1000 and 3000-4999)."""
+        if self.state == STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"))
+        elif self.state == _WS.STATE_CONNECTING:
+            self.abort()
+
+    def abort(self) -> None:
+        transport: Any = self.transport
+        if transport is not None and self.state != _WS.STATE_CLOSED:
+            transport.abortConnection()

@@ -1,0 +1,163 @@
+"""From a bus message to frames in the hub: bus -> router -> hub -> socket.
+
+The router decides from the channel name alone whether anyone on this
+server could want a message; when nobody does it is counted and dropped
+without decoding its JSON.  Otherwise it opens the envelope once, checks the
+event against its channel, builds one frame per channel key (the event's
+bytes spliced in as they were published) and hands each to the hub.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Protocol
+
+from twisted.logger import Logger
+
+from . import wire
+from .bus.channels import Layout, Parsed
+from .hub import Hub
+from .metrics import Stats
+
+log = Logger()
+
+# Bytes every graph event carries; a cheap pre-filter for the catch-up cache
+# (a node event carrying it nested is decoded, then recognised and skipped).
+GRAPH_MARK = b'"graph_execution_update"'
+
+
+class GraphEventSink(Protocol):
+    """Where graph events go besides sockets (the catch-up cache)."""
+
+    def record(self, user_id: str, graph_id: str, graph_exec_id: str, status: str, event: bytes) -> None: ...
+
+
+class Router:
+    def __init__(self, hub: Hub, stats: Stats, layout: Layout,
+                 observe_latency: Callable[[float], None] | None = None,
+                 graph_events: GraphEventSink | None = None,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
+        self.hub = hub
+        self.stats = stats
+        self.layout = layout
+        self.graph_events = graph_events
+        self._observe = observe_latency
+        self._timer = timer
+
+    # -- entry points for the buses -----------------------------------------
+
+    def classic(self, channel: str, data: bytes) -> None:
+        """A message from a classic (PSUBSCRIBE) or in-memory bus."""
+        parsed = self.layout.parse_classic(channel)
+        if parsed is None:
+            self._drop("bad_channel", channel)
+        elif parsed.kind == "exec":
+            self.execution(parsed, data, sharded=False)
+        else:
+            self.notification(parsed.user_id, data)
+
+    def sharded(self, channel: str, data: bytes) -> None:
+        """A message from the sharded (SSUBSCRIBE) cluster bus."""
+        parsed = self.layout.parse_sharded(channel)
+        if parsed is None:
+            self._drop("bad_channel", channel)
+        elif parsed.kind == "notification":
+            self.notification(parsed.user_id, data)
+        else:
+            self.execution(parsed, data, sharded=True)
+
+    # -- routing ------------------------------------------------------------
+
+    def execution(self, where: Parsed, data: bytes, sharded: bool) -> None:
+        started = self._timer()
+        stats = self.stats
+        stats.events_received += 1
+        user_id = where.user_id
+        exec_key = wire.exec_key(user_id, where.graph_exec_id) if where.kind == "exec" else None
+        graph_key = wire.graph_key(user_id, where.graph_id)
+        hub = self.hub
+        # on the sharded bus a channel serves exactly one key
+        if sharded:
+            if where.kind == "all":
+                exec_key = None
+            else:
+                graph_key = None
+        wanted = (exec_key is not None and hub.wants(exec_key)) or (graph_key is not None and hub.wants(graph_key))
+        if not wanted and (self.graph_events is None or sharded or GRAPH_MARK not in data):
+            stats.events_ignored += 1
+            return
+        opened = self._open(data)
+        if opened is None:
+            return
+        event, raw = opened
+        kind = event.get("event_type")
+        if kind == wire.GRAPH_UPDATE:
+            if not self._matches(event, where, ("user_id", "graph_id", "id")):
+                return
+            if self.graph_events is not None and not sharded:
+                status = event.get("status")
+                self.graph_events.record(user_id, where.graph_id, where.graph_exec_id,
+                                         status if isinstance(status, str) else "", raw)
+            keys = (exec_key, graph_key)
+        elif kind == wire.NODE_UPDATE:
+            if not self._matches(event, where, ("user_id", "graph_id", "graph_exec_id")):
+                return
+            keys = (exec_key, graph_key) if sharded else (exec_key, None)
+        else:
+            self._drop("oversized" if kind == "error_comms_update" else "unknown_type", user_id)
+            return
+        self._deliver(wire.EVENT_METHODS[kind], keys, raw, started)
+
+    def notification(self, user_id: str, data: bytes) -> None:
+        started = self._timer()
+        self.stats.events_received += 1
+        if not self.hub.has_user(user_id):
+            self.stats.events_ignored += 1
+            return
+        try:
+            event, _inner, raw = wire.inner_payload(data)
+        except ValueError:
+            self._drop("malformed", user_id)
+            return
+        if event.get("user_id", user_id) != user_id:
+            self._drop("channel_mismatch", user_id)
+            return
+        sent = self.hub.notify(user_id, wire.OutFrame(wire.push(wire.NOTIFICATION, None, raw)))
+        self._count(sent, started)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _open(self, data: bytes) -> tuple[dict[str, Any], bytes] | None:
+        try:
+            return wire.open_envelope(data)
+        except ValueError:
+            self._drop("malformed", "")
+            return None
+
+    def _matches(self, event: dict[str, Any], where: Parsed, fields: tuple[str, str, str]) -> bool:
+        """The event's own ids must be those of its channel: a socket never
+        receives another user's events, whatever a producer puts where."""
+        expected = (where.user_id, where.graph_id, where.graph_exec_id)
+        for field, value in zip(fields, expected):
+            if value and event.get(field) != value:
+                self._drop("channel_mismatch", where.user_id)
+                return False
+        return True
+
+    def _deliver(self, method: str, keys: tuple[str | None, str | None], raw: bytes, started: float) -> None:
+        hub = self.hub
+        sent = 0
+        for key in keys:
+            if key is not None and hub.wants(key):
+                sent += hub.publish(key, wire.OutFrame(wire.push(method, key, raw)))
+        self._count(sent, started)
+
+    def _count(self, sent: int, started: float) -> None:
+        if sent:
+            self.stats.events_forwarded += 1
+            if self._observe is not None:
+                self._observe(self._timer() - started)
+
+    def _drop(self, reason: str, where: str) -> None:
+        self.stats.events_dropped[reason] += 1
+        log.debug("event dropped ({reason}) on {where}", reason=reason, where=where)

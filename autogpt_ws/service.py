@@ -1,0 +1,144 @@
+"""WebsocketServer: one Twisted service owning the listener, the event bus,
+the hub and the Autobahn factory, with a bounded graceful stop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from . import __version__
+from .auth import TokenVerifier, verifier_for
+from .bus import IEventBus
+from .bus.channels import Layout
+from .catchup import LatestEvents
+from .config import Settings
+from .factory import WebsocketFactory
+from .hub import Hub
+from .metrics import Metrics, Stats
+from .router import Router
+from .web import QuietSite, Root
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """The server cannot start; ``str()`` is the one line to show."""
+
+
+def make_bus(settings: Settings, router: Router, reactor: Any, stats: Stats, hub: Hub) -> IEventBus:
+    kind = settings.event_bus
+    if kind == "redis":
+        from .bus.redis import RedisBus
+
+        return RedisBus(settings, router, reactor, stats)
+    if kind == "redis-cluster":
+        from .bus.cluster import ClusterBus
+
+        return ClusterBus(settings, router, reactor, stats, hub)
+    from .bus.memory import MemoryBus
+
+    return MemoryBus(router)
+
+
+class WebsocketServer(MultiService):
+    """The whole server. Its children are the event bus and the listener;
+    ``port`` is the bound port once running (useful with port 0)."""
+
+    name = "autogpt-ws"
+
+    def __init__(self, settings: Settings, reactor: Any = None,
+                 verifier: TokenVerifier | None = None, bus: IEventBus | None = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.settings = settings
+        self.reactor = reactor
+        self.stats = Stats()
+        self.hub = Hub()
+        self.layout = Layout(settings.execution_event_bus_name, settings.notification_event_bus_name)
+        self.catchup = LatestEvents(settings, reactor, self.stats) if settings.catchup_enabled else None
+        self.metrics = Metrics(self.stats, lambda: self.hub.frames_out, self._bus_up,
+                               (lambda: self.catchup.bytes if self.catchup else 0))
+        self.router = Router(self.hub, self.stats, self.layout, self.metrics.fanout_latency.observe,
+                             graph_events=self.catchup)
+        self.verifier = verifier or verifier_for(settings, reactor)
+        self.bus = bus or make_bus(settings, self.router, reactor, self.stats, self.hub)
+        self.bus.setServiceParent(self)
+        self.factory = WebsocketFactory(settings, self.hub, self.stats, self.verifier, reactor,
+                                        catchup=self.catchup, resolver=getattr(self.bus, "resolver", None))
+        root = Root(WebSocketResource(self.factory), self.ready,
+                    self.metrics.render if settings.enable_metrics else None, settings.cors_allow_origins)
+        self.site = QuietSite(root, timeout=settings.open_handshake_timeout or None, reactor=reactor)
+        self.site.noisy = False
+        self.factory.noisy = False
+        self.listener: StreamServerEndpointService = strports.service(settings.endpoint, self.site, reactor=reactor)
+        self.listener._raiseSynchronously = True
+        self.listener.setServiceParent(self)
+        self.stopping = False
+
+    # -- state --------------------------------------------------------------
+
+    def _bus_up(self) -> bool:
+        return self.bus.ready()[0]
+
+    def ready(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting down"
+        if not self.running:
+            return False, "starting"
+        return self.bus.ready()
+
+    @property
+    def port(self) -> int:
+        listening = getattr(self.listener, "_waitingForPort", None)
+        if listening is None or not listening.called:
+            raise RuntimeError("not listening")
+        return int(listening.result.getHost().port)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as exc:
+            raise StartupError(f"cannot listen on {self.settings.endpoint}: {exc.socketError}") from None
+        except Exception as exc:  # bad TLS material and the like
+            raise StartupError(f"cannot listen on {self.settings.endpoint}: {exc}") from None
+
+    def startService(self) -> None:
+        self.factory.startFactory()
+        self.verifier.start()
+        super().startService()
+        log.info(
+            "autogpt-ws {version} listening on {address}, event bus {bus}, auth {auth}",
+            version=__version__, address=self._address(), bus=self.bus.describe(),
+            auth=self.settings.auth_mode,
+        )
+
+    def _address(self) -> str:
+        try:
+            host = self.listener._waitingForPort.result.getHost()  # type: ignore[union-attr]
+            return f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}" if hasattr(host, "port") else str(host)
+        except AttributeError:
+            return self.settings.endpoint
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop accepting, close every socket with 1001 (bounded), then stop
+        the bus."""
+        self.stopping = True
+        yield maybeDeferred(self.listener.stopService)
+        yield self.factory.close_all(self.settings.shutdown_timeout)
+        yield maybeDeferred(self.bus.stopService)
+        self.factory.stopFactory()
+        self.running = False
+        log.info("autogpt-ws stopped")

@@ -1,0 +1,120 @@
+"""One socket's inbound logic: a client frame in, at most one reply out.
+
+Knows the protocol (through :mod:`wire`) and the hub, not the transport:
+replies go out through ``send``, catch-up frames through the sink's
+``push``.  A handler that must wait (a database lookup on the cluster bus)
+returns a Deferred; the socket handles no further frame until it fires, so
+replies keep the order of the frames they answer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from . import wire
+from .hub import Hub, Sink
+from .metrics import Stats
+
+log = Logger()
+
+
+class Catchup(Protocol):
+    """Latest events to replay right after a subscribe reply."""
+
+    def for_execution(self, user_id: str, graph_exec_id: str, key: str) -> list[wire.OutFrame]: ...
+
+    def for_graph(self, user_id: str, graph_id: str, key: str) -> list[wire.OutFrame]: ...
+
+
+class ExecutionResolver(Protocol):
+    """Whether an execution may be subscribed (it exists and is the user's);
+    needed by buses that subscribe per channel."""
+
+    def resolve(self, user_id: str, graph_exec_id: str) -> Deferred[bool]: ...
+
+
+class Session:
+    def __init__(self, sink: Sink, hub: Hub, stats: Stats, send: Callable[[bytes], None],
+                 max_subscriptions: int = 0, catchup: Catchup | None = None,
+                 resolver: ExecutionResolver | None = None, not_found_reply: bool = False) -> None:
+        self.sink = sink
+        self.hub = hub
+        self.stats = stats
+        self.send = send
+        self.max_subscriptions = max_subscriptions
+        self.catchup = catchup
+        self.resolver = resolver
+        self.not_found_reply = not_found_reply
+
+    def handle(self, payload: bytes) -> Deferred[None] | None:
+        try:
+            request = wire.parse(payload)
+        except wire.FrameError as exc:
+            self.stats.frames_in["invalid"] += 1
+            self.send(wire.error(exc.message))
+            return None
+        method = request.method
+        self.stats.frames_in[method] += 1
+        if method == wire.HEARTBEAT:
+            self.send(wire.HEARTBEAT_REPLY)
+        elif method == wire.ERROR:
+            log.info("client reported an error: {error} (user {user_id})",
+                     error=str(request.data)[:200], user_id=self.sink.user_id)
+        elif method in wire.SERVER_METHODS:
+            self.send(wire.error(wire.ERR_NOT_PROCESSED))
+        else:
+            try:
+                field, ident = wire.subscription_target(request)
+            except wire.FrameError as exc:
+                self.send(wire.error(exc.message))
+                return None
+            if method == wire.UNSUBSCRIBE:
+                self._unsubscribe(field, ident)
+            else:
+                return self._subscribe(method, ident)
+        return None
+
+    # -- subscriptions ------------------------------------------------------
+
+    def _subscribe(self, method: str, ident: str) -> Deferred[None] | None:
+        user_id = self.sink.user_id
+        key = wire.exec_key(user_id, ident) if method == wire.SUBSCRIBE_EXEC else wire.graph_key(user_id, ident)
+        limit = self.max_subscriptions
+        if limit and key not in self.sink.keys and len(self.sink.keys) >= limit:
+            self.send(wire.error(wire.ERR_SUBSCRIPTION_LIMIT))
+            return None
+        if self.resolver is not None and method == wire.SUBSCRIBE_EXEC:
+            d = self.resolver.resolve(user_id, ident)
+            d.addCallback(self._resolved, method, ident, key)
+            return d
+        self._subscribed(method, ident, key)
+        return None
+
+    def _resolved(self, found: bool, method: str, ident: str, key: str) -> None:
+        if found:
+            self._subscribed(method, ident, key)
+        elif self.not_found_reply:
+            self.send(wire.error(wire.ERR_EXECUTION_NOT_FOUND))
+        # else: no reply, as the AutoGPT server does for an unknown execution
+
+    def _subscribed(self, method: str, ident: str, key: str) -> None:
+        self.hub.subscribe(self.sink, key)
+        self.send(wire.subscribed(method, key))
+        if self.catchup is None:
+            return
+        user_id = self.sink.user_id
+        if method == wire.SUBSCRIBE_EXEC:
+            frames = self.catchup.for_execution(user_id, ident, key)
+        else:
+            frames = self.catchup.for_graph(user_id, ident, key)
+        for frame in frames:
+            self.sink.push(frame)
+
+    def _unsubscribe(self, field: str, ident: str) -> None:
+        user_id = self.sink.user_id
+        key = wire.exec_key(user_id, ident) if field == "graph_exec_id" else wire.graph_key(user_id, ident)
+        had = self.hub.unsubscribe(self.sink, key)
+        self.send(wire.subscribed(wire.UNSUBSCRIBE, key if had else None))

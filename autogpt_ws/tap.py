@@ -1,0 +1,113 @@
+"""Command-line options shared by every runner, and the twistd makeService.
+
+``twistd -n autogpt-ws [options]``, ``python ws.py [options]`` and
+``autogpt-ws [options]`` parse the same :class:`Options` and build the same
+service tree with :func:`build`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from . import logs
+from .config import ConfigError, Settings, config_file_from, load
+
+OVERRIDES = {
+    "host": "host", "port": "port", "listen": "listen", "log-level": "log_level",
+    "log-format": "log_format", "workers": "workers", "event-bus": "event_bus",
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("The AutoGPT real-time WebSocket server. Settings come from config.yaml, "
+                "then environment variables, then these options.")
+    optParameters = [
+        ["config", "c", None, "config.yaml to read (default: $AUTOGPT_WS_CONFIG, else ./config.yaml if present)"],
+        ["host", None, None, "interface to bind (WEBSOCKET_SERVER_HOST)"],
+        ["port", "p", None, "port to listen on (WEBSOCKET_SERVER_PORT)"],
+        ["listen", "l", None, "Twisted endpoint string, e.g. tcp:8001 or ssl:8443:privateKey=key.pem:certKey=cert.pem"],
+        ["log-level", None, None, "debug, info, warn, error or critical"],
+        ["log-format", None, None, "text or json"],
+        ["workers", "w", None, "server processes sharing the port"],
+        ["event-bus", None, None, "memory, redis or redis-cluster (EVENT_BUS)"],
+    ]
+    optFlags = [["demo", None, "run a simulated executor publishing graph runs for the default user"]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets: dict[str, str] = {}
+        self.settings: Settings | None = None
+
+    def opt_set(self, assignment: str) -> None:
+        """any setting, as key=value (repeatable), e.g. --set rate_limit=50"""
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise usage.UsageError(f"--set takes key=value, not {assignment!r}")
+        self.sets[key.strip()] = value
+
+    opt_o = opt_set
+
+    def overrides(self) -> dict[str, Any]:
+        values: dict[str, Any] = dict(self.sets)
+        for option, key in OVERRIDES.items():
+            if self[option] is not None:
+                values[key] = self[option]
+        return values
+
+    def postOptions(self) -> None:
+        self.settings = load_or_exit(self["config"], self.overrides())
+        parent = getattr(self, "parent", None)
+        if parent is not None and not parent.get("logger") and not parent.get("syslog"):
+            parent["logger"] = twistd_logger(parent, self.settings)
+
+
+def load_or_exit(config: str | None, overrides: dict[str, Any]) -> Settings:
+    """Settings, or one line on stderr and exit status 2."""
+    try:
+        return load(config_file_from(config), None, overrides)
+    except ConfigError as exc:
+        sys.stderr.write(f"autogpt-ws: {exc}\n")
+        raise SystemExit(2) from None
+
+
+def twistd_logger(parent: Any, settings: Settings) -> Callable[[], Any]:
+    """A twistd ``--logger`` factory that honours --logfile / -n and our
+    level and format."""
+
+    def factory() -> Any:
+        name = parent.get("logfile")
+        if not name and not parent.get("nodaemon"):
+            name = "twistd.log"
+        if not name or name == "-":
+            stream: Any = sys.stdout
+        else:
+            from twisted.python.logfile import LogFile
+
+            stream = LogFile.fromFullPath(name, rotateLength=50 * 1024 * 1024, maxRotatedFiles=5)
+        return logs.make_observer(settings.log_level, settings.log_format, stream)
+
+    return factory
+
+
+def build(settings: Settings, demo: bool = False, reactor: Any = None) -> IService:
+    """The service tree every runner starts."""
+    from .service import WebsocketServer
+
+    server = WebsocketServer(settings, reactor=reactor)
+    if demo:
+        from .demo import DemoExecutor
+
+        publisher = getattr(server.bus, "publisher", None) or server.bus
+        DemoExecutor(publisher, server.layout, server.reactor,
+                     sharded=settings.event_bus == "redis-cluster").setServiceParent(server)
+    return server
+
+
+def makeService(options: Options) -> IService:
+    assert options.settings is not None
+    return build(options.settings, demo=bool(options["demo"]))

@@ -1,0 +1,142 @@
+"""HTTP side of the one port: /, /health, /ready, /metrics, CORS, 404, and
+the WebSocket endpoint mounted at /ws (PROTOCOL.md section 1)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from .origins import OriginList
+
+log = Logger()
+
+HEALTHY = b'{"status":"healthy"}'
+ALLOW_METHODS = b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+
+
+def _json(request: Request, code: int, body: Any) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    return body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
+
+
+class JSONPage(Resource):
+    """A GET-only JSON route."""
+
+    isLeaf = True
+
+    def __init__(self, render_get: Callable[[Request], bytes]) -> None:
+        super().__init__()
+        self._render_get = render_get
+
+    def render_GET(self, request: Request) -> bytes:
+        return self._render_get(request)
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self._render_get(request)
+
+    def render(self, request: Request) -> bytes:
+        if request.method in (b"GET", b"HEAD"):
+            return super().render(request)  # type: ignore[no-any-return]
+        request.setHeader(b"Allow", b"GET")
+        return _json(request, 405, {"detail": "Method Not Allowed"})
+
+
+class NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return _json(request, 404, {"detail": "Not Found"})
+
+
+class Preflight(Resource):
+    """CORS preflight (OPTIONS with Access-Control-Request-Method)."""
+
+    isLeaf = True
+
+    def __init__(self, allowed: bool) -> None:
+        super().__init__()
+        self._allowed = allowed
+
+    def render(self, request: Request) -> bytes:
+        if not self._allowed:
+            request.setResponseCode(400)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"Disallowed CORS origin"
+        request.setHeader(b"Access-Control-Allow-Methods", ALLOW_METHODS)
+        wanted = request.getHeader(b"Access-Control-Request-Headers")
+        if wanted:
+            request.setHeader(b"Access-Control-Allow-Headers", wanted)
+        request.setHeader(b"Access-Control-Max-Age", b"600")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"OK"
+
+
+class Root(Resource):
+    def __init__(self, websocket: IResource, ready: Callable[[], tuple[bool, str]],
+                 metrics: Callable[[], bytes] | None, cors_origins: tuple[str, ...]) -> None:
+        super().__init__()
+        self._cors = OriginList(cors_origins)
+        self._websocket = websocket
+        self._ready = ready
+        self._metrics = metrics
+        self._not_found = NotFound()
+        health = JSONPage(lambda request: _json(request, 200, HEALTHY))
+        self._routes: dict[bytes, IResource] = {
+            b"": health,
+            b"health": health,
+            b"ready": JSONPage(self._render_ready),
+            b"metrics": JSONPage(self._render_metrics) if metrics is not None else self._not_found,
+        }
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+        if path == b"ws" and not request.postpath:
+            return self._websocket
+        origin = request.getHeader(b"Origin")
+        allowed = origin is not None and self._cors.allows(origin.decode("latin-1"))
+        if allowed:
+            request.setHeader(b"Access-Control-Allow-Origin", origin)
+            request.setHeader(b"Access-Control-Allow-Credentials", b"true")
+            request.setHeader(b"Vary", b"Origin")
+        if request.method == b"OPTIONS" and origin is not None and request.getHeader(b"Access-Control-Request-Method"):
+            return Preflight(allowed)
+        if request.postpath:
+            return self._not_found
+        return self._routes.get(path, self._not_found)
+
+    def render(self, request: Request) -> bytes:
+        return self._not_found.render(request)  # type: ignore[no-any-return]
+
+    def _render_ready(self, request: Request) -> bytes:
+        ready, reason = self._ready()
+        if ready:
+            return _json(request, 200, b'{"status":"ready"}')
+        return _json(request, 503, {"status": "not ready", "reason": reason})
+
+    def _render_metrics(self, request: Request) -> bytes:
+        assert self._metrics is not None
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return self._metrics()
+
+
+_TOKEN = re.compile(rb"(token=)[^&\s]*", re.IGNORECASE)
+
+
+def redact(uri: bytes) -> str:
+    """A request URI fit for a log line: query tokens replaced."""
+    return _TOKEN.sub(rb"\1***", uri).decode("latin-1")
+
+
+class QuietSite(Site):
+    """twisted.web's access log writes full URIs (tokens included) to the
+    legacy log; ours is a structured debug line with the query redacted."""
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        log.debug("{method} {uri} {code} {size}B", method=request.method.decode("latin-1"),
+                  uri=redact(request.uri), code=request.code, size=request.sentLength)
