@@ -46,18 +46,22 @@ class DemoExecutor(Service):
         self.sharded = sharded
         self.runs = 0
         self._loop: LoopingCall | None = None
+        self._first: Any = None
 
     def startService(self) -> None:
         super().startService()
         self._loop = LoopingCall(self._start_run)
         self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True).addErrback(lambda f: log.failure("demo stopped", f))
+        self._loop.start(self.interval, now=False).addErrback(lambda f: log.failure("demo stopped", f))
+        self._first = self.clock.callLater(1.0, self._start_run)  # a first run at once, after startup
         log.info("demo executor: a run of graph {graph_id} for user {user_id} every {interval}s",
                  graph_id=DEMO_GRAPH, user_id=self.user_id, interval=self.interval)
 
     def stopService(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._first is not None and self._first.active():
+            self._first.cancel()
         super().stopService()
 
     def _start_run(self) -> None:

@@ -1,0 +1,177 @@
+"""A small RESP2 client protocol for Twisted, parsed by hiredis.
+
+Why not a general Redis client: a subscriber connection needs only
+AUTH/SELECT/PING and the (P|S)SUBSCRIBE family, its messages must reach the
+router as raw bytes with no per-message Deferred or object, and the sharded
+bus needs SSUBSCRIBE, server-pushed ``sunsubscribe`` and ``MOVED`` errors,
+which the Twisted-native clients do not offer.  hiredis (the Redis project's
+C parser) does the parsing; this module does the bookkeeping.
+
+Commands are answered in order through Deferreds.  While subscribed, Redis
+interleaves pushes with replies; messages go to ``on_message(kind, channel,
+data)`` and subscription changes the server makes on its own (a slot moved)
+go to ``on_push(reply)``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Sequence
+
+import hiredis
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+MESSAGES = frozenset((b"message", b"pmessage", b"smessage"))
+ACKS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
+
+
+class RedisError(Exception):
+    """An error reply, e.g. ``MOVED 1234 127.0.0.1:7001`` or ``WRONGPASS ...``."""
+
+
+def encode(args: Sequence[str | bytes | int]) -> bytes:
+    parts = []
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode("utf-8")
+        elif isinstance(arg, int):
+            arg = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"*%d\r\n" % len(parts) + b"".join(parts)
+
+
+MessageHandler = Callable[[bytes, bytes, bytes], None]
+
+
+class _Pending:
+    __slots__ = ("deferred", "acks", "replies")
+
+    def __init__(self, deferred: Deferred[Any], acks: int) -> None:
+        self.deferred = deferred
+        self.acks = acks  # subscribe-family commands answer with one ack per channel
+        self.replies: list[Any] = []
+
+
+class RedisProtocol(Protocol):
+    def __init__(self, on_message: MessageHandler | None = None,
+                 on_push: Callable[[list[Any]], None] | None = None) -> None:
+        self._reader = hiredis.Reader()
+        self._pending: deque[_Pending] = deque()
+        self.on_message = on_message
+        self.on_push = on_push
+        self.lost: Deferred[Failure] = Deferred()
+        self.connected = False
+
+    # -- commands ---------------------------------------------------------
+
+    def command(self, *args: str | bytes | int) -> Deferred[Any]:
+        """Send one command; fires with its reply, or fails with RedisError."""
+        return self._send(args, 0)
+
+    def subscribe(self, verb: str, channels: Sequence[str | bytes]) -> Deferred[Any]:
+        """(P|S)(UN)SUBSCRIBE; fires once every channel was acknowledged.
+        Unsubscribing from nothing still gets one ack."""
+        return self._send((verb, *channels), max(1, len(channels)))
+
+    def _send(self, args: Sequence[str | bytes | int], acks: int) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        if not self.connected or self.transport is None:
+            d.errback(ConnectionError("not connected to Redis"))
+            return d
+        self._pending.append(_Pending(d, acks))
+        self.transport.write(encode(args))
+        return d
+
+    # -- replies ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+
+    def dataReceived(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        on_message = self.on_message
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                return
+            if type(reply) is list and reply:
+                kind = reply[0]
+                if kind in MESSAGES and on_message is not None:
+                    if kind == b"pmessage":
+                        on_message(kind, reply[2], reply[3])
+                    else:
+                        on_message(kind, reply[1], reply[2])
+                    continue
+                if kind in ACKS and self._ack(reply):
+                    continue
+                if kind in ACKS:
+                    if self.on_push is not None:
+                        self.on_push(reply)
+                    continue
+            self._answer(reply)
+
+    def _ack(self, reply: list[Any]) -> bool:
+        """Count a subscribe-family ack against the oldest waiting command."""
+        if not self._pending or self._pending[0].acks == 0:
+            return False
+        head = self._pending[0]
+        head.replies.append(reply)
+        head.acks -= 1
+        if head.acks == 0:
+            self._pending.popleft()
+            head.deferred.callback(head.replies)
+        return True
+
+    def _answer(self, reply: Any) -> None:
+        if not self._pending:
+            return  # nothing asked: ignore rather than crash
+        pending = self._pending.popleft()
+        if isinstance(reply, hiredis.ReplyError):
+            pending.deferred.errback(RedisError(str(reply)))
+        else:
+            pending.deferred.callback(reply)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
+        self.connected = False
+        pending, self._pending = self._pending, deque()
+        for entry in pending:
+            entry.deferred.errback(ConnectionError(f"Redis connection lost: {reason.getErrorMessage()}"))
+        if not self.lost.called:
+            self.lost.callback(reason)
+
+
+def connect(reactor: Any, host: str, port: int, *, timeout: float = 5.0, tls: bool = False,
+            ca_file: str = "", protocol: RedisProtocol | None = None) -> Deferred[RedisProtocol]:
+    """Open a connection (TLS verified against ``host`` with service_identity
+    when ``tls``); fires with the connected protocol."""
+    endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if tls:
+        from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+
+        trust: Any = platformTrust()
+        if ca_file:
+            with open(ca_file, "rb") as handle:
+                trust = Certificate.loadPEM(handle.read())
+        endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
+    return connectProtocol(endpoint, protocol or RedisProtocol())
+
+
+def handshake(conn: RedisProtocol, username: str = "", password: str = "", db: int = 0,
+              name: str = "autogpt-ws") -> Deferred[Any]:
+    """AUTH, SELECT and CLIENT SETNAME as configured; fails with RedisError
+    (e.g. WRONGPASS) when Redis refuses."""
+    steps: list[tuple[Any, ...]] = []
+    if password:
+        steps.append(("AUTH", username, password) if username else ("AUTH", password))
+    if db:
+        steps.append(("SELECT", db))
+    steps.append(("CLIENT", "SETNAME", name))
+    d: Deferred[Any] = Deferred()
+    d.callback(None)
+    for step in steps:
+        d.addCallback(lambda _, step=step: conn.command(*step))
+    return d
