@@ -2,7 +2,7 @@
 
 Signals: the first SIGTERM or SIGINT stops the reactor, which stops every
 service gracefully (the server closes its sockets with 1001, bounded); a
-second one exits at once.
+second one exits at once with status 128 + signal number.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from types import FrameType
+from typing import IO, Any
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
@@ -20,42 +21,57 @@ from .service import StartupError
 log = Logger()
 
 
-class _Signals:
-    def __init__(self, reactor: Any) -> None:
+class Signals:
+    """SIGTERM/SIGINT handling of a foreground run.
+
+    The handler itself only schedules work on the reactor (logging from a
+    signal handler could interleave with a line being written); a second
+    signal while the first is being handled exits the process at once."""
+
+    def __init__(self, reactor: Any, exit: Any = os._exit) -> None:
         self._reactor = reactor
+        self._exit = exit
         self.received: int | None = None
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def handle(self, signum: int, frame: FrameType | None = None) -> None:
         if self.received is not None:
             os.write(2, b"autogpt-ws: second signal, exiting now\n")
-            os._exit(128 + signum)
+            self._exit(128 + signum)
+            return
         self.received = signum
+        self._reactor.callFromThread(self._stop, signum)
+
+    def _stop(self, signum: int) -> None:
         log.info("received {signal}, shutting down", signal=signal.Signals(signum).name)
-        self._reactor.callFromThread(self._reactor.stop)
+        if self._reactor.running:
+            self._reactor.stop()
 
 
-def run_processes(*services: IService, reactor: Any = None) -> int:
+def run_processes(*services: IService, reactor: Any = None, stderr: IO[str] | None = None) -> int:
     """Run ``services`` in one MultiService until the reactor stops.
-    Returns the process exit status: 0 after a clean stop, 1 when a service
-    could not start."""
+
+    Returns the process exit status: 0 after a clean stop (signal or not),
+    1 when a service could not start (a port in use: one line on stderr)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    err = stderr or sys.stderr
     root = MultiService()
     for service in services:
         service.setServiceParent(root)
     try:
         root.privilegedStartService()
     except StartupError as exc:
-        sys.stderr.write(f"autogpt-ws: {exc}\n")
+        err.write(f"autogpt-ws: {exc}\n")
+        err.flush()
         return 1
     status = {"code": 0}
-    signals = _Signals(reactor)
+    signals = Signals(reactor)
 
     def start() -> None:
         signals.install()

@@ -210,7 +210,9 @@ class KeySetVerifier:
         if alg not in self._algorithms:
             return fail(invalid("algorithm"))
         kid = header.get("kid")
-        if self._pick(kid) is None and self._may_refetch():
+        # an unknown kid waits for a fetch under way (the one at startup,
+        # say) rather than failing before the keys it may bring are known
+        if self._pick(kid) is None and (self._pending is not None or self._may_refetch()):
             return self._refresh().addCallback(lambda _: self._check(token, kid, alg))
         try:
             return succeed(self._check(token, kid, alg))

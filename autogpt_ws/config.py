@@ -11,6 +11,7 @@ from; the runners turn that into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -141,11 +142,14 @@ class Field:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     section: str = ""
+    maximum: float | None = None
 
 
 def _f(key: str, kind: str, default: Any, env: str | tuple[str, ...], doc: str,
-       choices: tuple[str, ...] = (), minimum: float | None = None) -> Field:
-    return Field(key, kind, default, (env,) if isinstance(env, str) else env, doc, choices, minimum)
+       choices: tuple[str, ...] = (), minimum: float | None = None,
+       maximum: float | None = None) -> Field:
+    return Field(key, kind, default, (env,) if isinstance(env, str) else env, doc, choices, minimum,
+                 maximum=maximum)
 
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -157,7 +161,8 @@ JWT_ALGORITHMS = (
 SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
     ("Server", (
         _f("host", "str", "0.0.0.0", "WEBSOCKET_SERVER_HOST", "interface to bind"),
-        _f("port", "int", 8001, "WEBSOCKET_SERVER_PORT", "TCP port for HTTP and the WebSocket", minimum=0),
+        _f("port", "int", 8001, "WEBSOCKET_SERVER_PORT", "TCP port for HTTP and the WebSocket (0: any free port)",
+           minimum=0, maximum=65535),
         _f("listen", "str", "", "AUTOGPT_WS_LISTEN",
            "Twisted endpoint string (tcp:8001, ssl:8443:privateKey=k.pem:certKey=c.pem); overrides host and port"),
         _f("workers", "int", 1, "AUTOGPT_WS_WORKERS",
@@ -202,7 +207,7 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("notification_event_bus_name", "str", "notification_event", "NOTIFICATION_EVENT_BUS_NAME", "notifications channel prefix"),
         _f("redis_url", "str", "", "REDIS_URL", "redis:// or rediss:// URL; wins over the redis_* settings below"),
         _f("redis_host", "str", "localhost", "REDIS_HOST", "Redis host"),
-        _f("redis_port", "int", 6379, "REDIS_PORT", "Redis port", minimum=1),
+        _f("redis_port", "int", 6379, "REDIS_PORT", "Redis port", minimum=1, maximum=65535),
         _f("redis_username", "str", "", "REDIS_USERNAME", "Redis ACL user (empty: default user)"),
         _f("redis_password", "str", "", "REDIS_PASSWORD", "Redis password"),
         _f("redis_db", "int", 0, "REDIS_DB", "Redis database number", minimum=0),
@@ -210,7 +215,7 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("redis_tls_ca_file", "str", "", "REDIS_TLS_CA_FILE", "CA bundle for Redis TLS (empty: system trust)"),
         _f("redis_connect_timeout", "float", 5.0, "REDIS_CONNECT_TIMEOUT", "seconds allowed to connect to Redis", minimum=0.1),
         _f("redis_cluster_host", "str", "", "REDIS_CLUSTER_HOST", "redis-cluster: one seed node host"),
-        _f("redis_cluster_port", "int", 7000, "REDIS_CLUSTER_PORT", "redis-cluster: that seed node's port", minimum=1),
+        _f("redis_cluster_port", "int", 7000, "REDIS_CLUSTER_PORT", "redis-cluster: that seed node's port", minimum=1, maximum=65535),
         _f("redis_cluster_nodes", "list", (), "REDIS_CLUSTER_NODES", "redis-cluster: more seed nodes, host:port"),
         _f("database_url", "str", "", "DATABASE_URL", "redis-cluster: AutoGPT PostgreSQL, to find an execution's graph"),
         _f("execution_not_found_reply", "bool", False, "EXECUTION_NOT_FOUND_REPLY",
@@ -249,70 +254,87 @@ FIELDS: tuple[Field, ...] = tuple(
 BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Every setting, typed and validated. Built only by :func:`load`."""
+def _defaults_from_fields(cls: type) -> type:
+    """Give each annotated attribute its default from FIELDS, and refuse a
+    class whose attributes differ from FIELDS: a new setting is one entry in
+    SECTIONS plus one typed line in Settings, and this says which is missing."""
+    names = list(cls.__annotations__)
+    missing = [f.key for f in FIELDS if f.key not in names]
+    extra = [name for name in names if name not in BY_KEY]
+    if missing or extra:
+        raise TypeError(f"Settings and FIELDS disagree: declare {missing} in Settings, "
+                        f"or add {extra} to SECTIONS")
+    for field in FIELDS:
+        setattr(cls, field.key, field.default)
+    return cls
 
-    host: str = "0.0.0.0"
-    port: int = 8001
-    listen: str = ""
-    workers: int = 1
-    app_env: str = "local"
-    log_level: str = "info"
-    log_format: str = "text"
-    shutdown_timeout: float = 10.0
-    enable_auth: bool = True
-    jwt_verify_key: str = ""
-    jwt_verify_key_file: str = ""
-    jwt_sign_algorithm: str = "HS256"
-    jwt_jwks_url: str = ""
-    jwt_jwks_algorithms: tuple[str, ...] = ("ES256", "RS256", "EdDSA")
-    jwt_jwks_timeout: float = 5.0
-    jwt_jwks_refetch_interval: float = 60.0
-    jwt_audience: str = "authenticated"
-    jwt_leeway: float = 0.0
-    auth_failure: str = "close"
-    token_expiry_close: bool = True
-    token_expiry_grace: float = 0.0
-    cors_allow_origins: tuple[str, ...] = ("http://localhost:3000",)
-    enable_metrics: bool = False
-    event_bus: str = "memory"
-    execution_event_bus_name: str = "execution_event"
-    notification_event_bus_name: str = "notification_event"
-    redis_url: str = ""
-    redis_host: str = "localhost"
-    redis_port: int = 6379
-    redis_username: str = ""
-    redis_password: str = ""
-    redis_db: int = 0
-    redis_tls: bool = False
-    redis_tls_ca_file: str = ""
-    redis_connect_timeout: float = 5.0
-    redis_cluster_host: str = ""
-    redis_cluster_port: int = 7000
-    redis_cluster_nodes: tuple[str, ...] = ()
-    database_url: str = ""
-    execution_not_found_reply: bool = False
-    max_message_size_limit: int = 16 * MiB
-    max_inbound_frame: int = 64 * KiB
-    max_send_buffer: int = 1 * MiB
-    max_connections: int = 20000
-    max_connections_per_user: int = 64
-    max_subscriptions_per_socket: int = 1000
-    rate_limit: float = 20.0
-    rate_burst: int = 60
-    rate_abuse_close: int = 100
-    open_handshake_timeout: float = 10.0
-    ping_interval: float = 20.0
-    ping_timeout: float = 20.0
-    permessage_deflate: bool = True
-    ws_allowed_origins: tuple[str, ...] = ()
-    ws_allow_missing_origin: bool = True
-    catchup_enabled: bool = True
-    catchup_max_bytes: int = 64 * MiB
-    catchup_max_age: float = 3600.0
-    catchup_recent_final: float = 300.0
-    catchup_graph_limit: int = 50
+
+@dataclass(frozen=True)
+@_defaults_from_fields
+class Settings:
+    """Every setting, typed and validated. Built by :func:`load`; the
+    defaults, environment names and docs live in FIELDS only."""
+
+    host: str
+    port: int
+    listen: str
+    workers: int
+    app_env: str
+    log_level: str
+    log_format: str
+    shutdown_timeout: float
+    enable_auth: bool
+    jwt_verify_key: str
+    jwt_verify_key_file: str
+    jwt_sign_algorithm: str
+    jwt_jwks_url: str
+    jwt_jwks_algorithms: tuple[str, ...]
+    jwt_jwks_timeout: float
+    jwt_jwks_refetch_interval: float
+    jwt_audience: str
+    jwt_leeway: float
+    auth_failure: str
+    token_expiry_close: bool
+    token_expiry_grace: float
+    cors_allow_origins: tuple[str, ...]
+    enable_metrics: bool
+    event_bus: str
+    execution_event_bus_name: str
+    notification_event_bus_name: str
+    redis_url: str
+    redis_host: str
+    redis_port: int
+    redis_username: str
+    redis_password: str
+    redis_db: int
+    redis_tls: bool
+    redis_tls_ca_file: str
+    redis_connect_timeout: float
+    redis_cluster_host: str
+    redis_cluster_port: int
+    redis_cluster_nodes: tuple[str, ...]
+    database_url: str
+    execution_not_found_reply: bool
+    max_message_size_limit: int
+    max_inbound_frame: int
+    max_send_buffer: int
+    max_connections: int
+    max_connections_per_user: int
+    max_subscriptions_per_socket: int
+    rate_limit: float
+    rate_burst: int
+    rate_abuse_close: int
+    open_handshake_timeout: float
+    ping_interval: float
+    ping_timeout: float
+    permessage_deflate: bool
+    ws_allowed_origins: tuple[str, ...]
+    ws_allow_missing_origin: bool
+    catchup_enabled: bool
+    catchup_max_bytes: int
+    catchup_max_age: float
+    catchup_recent_final: float
+    catchup_graph_limit: int
 
     @property
     def endpoint(self) -> str:
@@ -355,7 +377,9 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError("config", f"{path!r} must hold a mapping of settings")
     for key in data:
         if key not in BY_KEY:
-            raise ConfigError(str(key), f"unknown setting in {path}")
+            close = difflib.get_close_matches(str(key), BY_KEY, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(str(key), f"unknown setting in {path}{hint}")
     return dict(data)
 
 
@@ -367,12 +391,16 @@ def _convert(field: Field, raw: Any, source: str) -> Any:
     if field.choices and value not in field.choices:
         # log levels and bus names are case-insensitive for convenience
         lowered = {c.lower(): c for c in field.choices}
+        if field.key == "log_level" and isinstance(value, str) and value.lower() == "warning":
+            value = "warn"
         if isinstance(value, str) and value.lower() in lowered:
             value = lowered[value.lower()]
         else:
             raise ConfigError(field.key, f"{value!r} is not one of {', '.join(field.choices)}", source)
     if field.minimum is not None and value < field.minimum:
         raise ConfigError(field.key, f"{value!r} is below the minimum {field.minimum:g}", source)
+    if field.maximum is not None and value > field.maximum:
+        raise ConfigError(field.key, f"{value!r} is above the maximum {field.maximum:g}", source)
     return value
 
 
@@ -412,8 +440,6 @@ def load(
 def validate(settings: Settings) -> Settings:
     """Checks that span settings or touch the filesystem. Returns the
     settings, with jwt_verify_key read from its file when one is named."""
-    if settings.port > 65535:
-        raise ConfigError("port", f"{settings.port} is not a valid port (0-65535)")
     if settings.listen:
         _check_endpoint(settings.listen)
     if settings.jwt_verify_key_file:
@@ -436,7 +462,7 @@ def validate(settings: Settings) -> Settings:
                                   f"bad regex {origin!r}: {exc}") from None
     if settings.app_env.lower() in ("prod", "production"):
         for origin in settings.cors_allow_origins:
-            if re.search(r"(localhost|127\.0\.0\.1)", origin):
+            if _is_local_origin(origin):
                 raise ConfigError("cors_allow_origins", f"{origin!r} is a localhost origin, refused when APP_ENV=prod")
     if settings.redis_url and not re.match(r"^rediss?://", settings.redis_url):
         raise ConfigError("redis_url", f"{_redact_url(settings.redis_url)!r} must start with redis:// or rediss://")
@@ -449,6 +475,25 @@ def validate(settings: Settings) -> Settings:
     if settings.event_bus == "redis-cluster" and not (settings.redis_cluster_host or settings.redis_cluster_nodes):
         raise ConfigError("redis_cluster_host", "required when event_bus is redis-cluster (or list redis_cluster_nodes)")
     return settings
+
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+_LOCAL_PROBES = tuple(f"{scheme}://{host}{port}" for scheme in ("http", "https")
+                      for host in ("localhost", "127.0.0.1", "[::1]") for port in ("", ":3000", ":8000", ":8080"))
+
+
+def _is_local_origin(origin: str) -> bool:
+    """An exact origin naming a loopback host, or a regex that matches one."""
+    if origin.startswith("regex:"):
+        pattern = re.compile(origin[6:])
+        return any(pattern.fullmatch(probe) for probe in _LOCAL_PROBES)
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(origin).hostname or ""
+    except ValueError:
+        return False
+    return host in _LOCAL_HOSTS or host.endswith(".localhost")
 
 
 def _check_jwks(settings: Settings) -> None:
@@ -529,14 +574,86 @@ def config_file_from(argument: str | None, env: Mapping[str, str] | None = None)
     return "config.yaml" if os.path.isfile("config.yaml") else None
 
 
-def describe(fields: Iterable[Field] = FIELDS) -> list[tuple[str, str, str, str]]:
-    """(key, env, default, doc) rows for the README table."""
-    rows = []
+def format_default(field: Field) -> str:
+    """A field's default written as a YAML value that loads back to it."""
+    value = field.default
+    if field.kind == "bool":
+        return "true" if value else "false"
+    if field.kind == "size":
+        for unit, size in (("GiB", 1024 * MiB), ("MiB", MiB), ("KiB", KiB)):
+            if value and value % size == 0:
+                return f"{value // size}{unit}"
+        return str(value)
+    if field.kind == "list":
+        return json.dumps(list(value), ensure_ascii=False)
+    if field.kind == "str":
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+def _comment(field: Field) -> str:
+    doc = field.doc
+    if field.choices and not all(choice in doc for choice in field.choices):
+        doc += f"; one of {', '.join(field.choices)}"
+    return f"# {doc}  [env: {', '.join(field.env)}]"
+
+
+YAML_HEADER = """\
+# autogpt-ws configuration: every setting, with its default.
+#
+# Read from --config PATH, else $AUTOGPT_WS_CONFIG, else ./config.yaml.
+# Precedence, lowest first: built-in defaults < this file < environment
+# variables < command-line options (--port, --host, --listen, --log-level,
+# --log-format, --set key=value). Unknown keys are refused.
+# Sizes take K/KiB, M/MiB or G/GiB; lists are YAML or JSON lists.
+#
+# Generated from autogpt_ws/config.py (python -m autogpt_ws.config --yaml);
+# tests/test_config.py checks that this file and the code agree.
+"""
+
+
+def render_yaml(sections: Iterable[tuple[str, Iterable[Field]]] | None = None) -> str:
+    """The text of config.yaml: every field, grouped by section, with its
+    default and one comment."""
+    groups = SECTIONS if sections is None else sections
+    parts = [YAML_HEADER]
+    for name, fields in groups:
+        parts.append(f"\n# == {name} " + "=" * max(0, 72 - len(name)) + "\n")
+        for field in fields:
+            parts.append(f"\n{_comment(field)}\n{field.key}: {format_default(field)}\n")
+    return "".join(parts)
+
+
+def render_markdown(fields: Iterable[Field] = FIELDS) -> str:
+    """The README configuration table: setting, environment, default, meaning."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = ["| setting | environment | default | meaning |", "|---|---|---|---|"]
     for field in fields:
-        default = field.default
-        if isinstance(default, tuple):
-            default = json.dumps(list(default))
-        elif isinstance(default, bool):
-            default = str(default).lower()
-        rows.append((field.key, ", ".join(field.env), str(default) if default != "" else '""', field.doc))
-    return rows
+        env = ", ".join(f"`{name}`" for name in field.env)
+        doc = field.doc
+        if field.choices and not all(choice in doc for choice in field.choices):
+            doc += f"; one of {', '.join(field.choices)}"
+        rows.append(f"| `{field.key}` | {env} | `{cell(format_default(field))}` | {cell(doc)} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m autogpt_ws.config --yaml`` prints config.yaml;
+    ``--markdown`` prints the README configuration table."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--yaml"]:
+        sys.stdout.write(render_yaml())
+        return 0
+    if args == ["--markdown"]:
+        sys.stdout.write(render_markdown())
+        return 0
+    sys.stderr.write("usage: python -m autogpt_ws.config --yaml | --markdown\n")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

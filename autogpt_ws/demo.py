@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
@@ -47,6 +47,7 @@ class DemoExecutor(Service):
         self.runs = 0
         self._loop: LoopingCall | None = None
         self._first: Any = None
+        self._runs: set[Deferred[Any]] = set()
 
     def startService(self) -> None:
         super().startService()
@@ -62,12 +63,16 @@ class DemoExecutor(Service):
             self._loop.stop()
         if self._first is not None and self._first.active():
             self._first.cancel()
+        for run in tuple(self._runs):  # a run in flight publishes nothing after stop
+            run.cancel()
         super().stopService()
 
     def _start_run(self) -> None:
         self.runs += 1
-        self.run(f"demo-exec-{self.runs}-{uuid.uuid4().hex[:8]}").addErrback(
-            lambda f: log.failure("demo run failed", f))
+        run = self.run(f"demo-exec-{self.runs}-{uuid.uuid4().hex[:8]}")
+        self._runs.add(run)
+        run.addErrback(lambda f: None if f.check(CancelledError) else log.failure("demo run failed", f))
+        run.addBoth(lambda _: self._runs.discard(run))
 
     @inlineCallbacks
     def run(self, exec_id: str) -> Any:

@@ -3,12 +3,13 @@ sockets, admission at the upgrade, and closing every socket on shutdown."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from . import __version__
@@ -25,6 +26,36 @@ log = Logger()
 # twisted.internet.abstract.FileDescriptor.bufferSize: a transport asks its
 # producer to pause once this much is buffered.
 TRANSPORT_BUFFER = 2 ** 16
+
+# seconds a client has to answer our close frame before the socket is aborted
+CLOSE_HANDSHAKE_TIMEOUT = 3.0
+
+
+class _Call:
+    """A pending call whose cancel() is safe to repeat."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: IDelayedCall) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+class ExactTimer:
+    """Autobahn's protocol timers (handshakes, auto-ping) on plain
+    ``callLater``.  txaio's batched timer, Autobahn's default, floors every
+    deadline to a whole second (``int(now + delay)``): a 1 s closing
+    handshake timeout can fire at once and abort a socket before its close
+    frame is written, and cancelled timers leave their bucket's call pending."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def call_later(self, delay: float, func: Callable[..., Any], *args: Any, **kwargs: Any) -> _Call:
+        return _Call(self._reactor.callLater(delay, func, *args, **kwargs))
 
 
 def accept_deflate(offers: Sequence[Any]) -> PerMessageDeflateOfferAccept | None:
@@ -44,14 +75,17 @@ class Admission:
         self._allow_missing = settings.ws_allow_missing_origin
 
     def refuse(self, request: ConnectionRequest) -> ConnectionDeny | None:
+        # the socket asking is already counted
         if self._max and self._open_count() > self._max:
             return _deny(503, "Service Unavailable", "capacity")
         if self._origins:
-            origin = request.origin
-            if origin is None or origin == "null":
+            origin = request.origin  # "" when the header is absent
+            if not origin:
                 if not self._allow_missing:
                     return _deny(403, "Forbidden", "origin_missing")
             elif not self._origins.allows(origin):
+                # "null" (sandboxed frames, file://) is a browser's origin,
+                # not a missing one: refused unless listed
                 return _deny(403, "Forbidden", "origin")
         return None
 
@@ -80,14 +114,16 @@ class WebsocketFactory(WebSocketServerFactory):
         self.sockets: set[ServerProtocol] = set()
         self._drained: list[Deferred[None]] = []
         self.admission = Admission(settings, lambda: len(self.sockets))
+        self._batched_timer = ExactTimer(reactor)
         self.setProtocolOptions(
             webStatus=False,
+            allowNullOrigin=True,  # the Origin policy is ours (Admission): "null" is refused there unless listed
             maxFramePayloadSize=settings.max_inbound_frame,
             maxMessagePayloadSize=settings.max_inbound_frame,
             autoPingInterval=settings.ping_interval,
             autoPingTimeout=settings.ping_timeout,
             openHandshakeTimeout=settings.open_handshake_timeout,
-            closeHandshakeTimeout=1,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             failByDrop=False,
             tcpNoDelay=True,
             perMessageCompressionAccept=accept_deflate if settings.permessage_deflate else (lambda offers: None),

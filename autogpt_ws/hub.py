@@ -61,6 +61,10 @@ class Hub:
                 for watcher in self._watchers:
                     watcher.user_removed(sink.user_id)
 
+    def attached(self, sink: Sink) -> bool:
+        """Whether ``sink`` is attached (its socket open, not yet detached)."""
+        return sink in self._users.get(sink.user_id, ())
+
     def user_sockets(self, user_id: str) -> int:
         return len(self._users.get(user_id, ()))
 

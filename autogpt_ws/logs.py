@@ -23,7 +23,10 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-_TOKEN = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+# token=..., 'token': ['...'], "token": "..." (a query string, a repr, JSON)
+_TOKEN = re.compile(r"""(token["']?\s*[=:]\s*\[?\s*["']?)[^&\s"'\],}]+""", re.IGNORECASE)
+# structured fields never written as they are, whatever logged them
+_SECRET_KEY = re.compile(r"token|password|secret|authorization|api_?key", re.IGNORECASE)
 _LEVELS = {"debug": "debug", "info": "info", "warn": "warn", "error": "error", "critical": "critical"}
 
 
@@ -31,9 +34,30 @@ def redact(text: str) -> str:
     return _TOKEN.sub(r"\1***", text)
 
 
-def _plain(value: Any) -> Any:
+def _scrub(value: Any, key: str = "") -> Any:
+    """``value`` with every secret-named entry replaced by ``***``, for
+    formatting; other values are left as they are."""
+    if key and _SECRET_KEY.search(key) and value not in (None, "", [], {}):
+        return "***"
+    if isinstance(value, dict):
+        return {name: _scrub(item, name if isinstance(name, str) else "") for name, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_scrub(item) for item in value)
+    return value
+
+
+def _plain(value: Any, key: str = "") -> Any:
+    """A structured field as JSON: scalars, lists and string-keyed dicts of
+    them kept as they are; anything else as its str(); a field whose name
+    says it holds a secret as ``***``."""
+    if key and _SECRET_KEY.search(key) and value not in (None, "", [], {}):
+        return "***"
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict) and all(isinstance(name, str) for name in value):
+        return {name: _plain(item, name) for name, item in value.items()}
     return str(value)
 
 
@@ -46,6 +70,7 @@ class LineObserver:
         self._json = fmt == "json"
 
     def __call__(self, event: dict[str, Any]) -> None:
+        event = {key: value if key.startswith("log_") else _scrub(value, key) for key, value in event.items()}
         if self._json:
             record: dict[str, Any] = {
                 "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(timespec="milliseconds"),
@@ -55,7 +80,7 @@ class LineObserver:
             }
             for key, value in event.items():
                 if not key.startswith("log_") and key not in record and key not in ("format", "isError", "message", "system", "time"):
-                    record[key] = _plain(value)
+                    record[key] = _plain(value, key)
             failure = event.get("log_failure")
             if failure is not None:
                 record["traceback"] = failure.getTraceback()

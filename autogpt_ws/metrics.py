@@ -30,6 +30,7 @@ class Stats:
         self.auth_failures: Counter[str] = Counter()  # by reason
         self.handshakes_refused: Counter[str] = Counter()  # by reason (capacity, origin)
         self.frames_in: Counter[str] = Counter()  # by method ("invalid" for bad frames)
+        self.replies_out = 0  # replies to client frames (pushed frames are counted by the hub)
         self.events_received = 0
         self.events_ignored = 0  # nobody on this server subscribed: not decoded
         self.events_forwarded = 0
@@ -67,6 +68,7 @@ class StatsCollector(Collector):
         yield _labelled("autogpt_ws_handshakes_refused", "Handshakes refused before authentication, by reason", "reason", s.handshakes_refused)
         yield _labelled("autogpt_ws_frames_in", "Client frames received, by method", "method", s.frames_in)
         yield CounterMetricFamily("autogpt_ws_frames_out", "Event and notification frames written to sockets", value=self._frames_out())
+        yield CounterMetricFamily("autogpt_ws_replies_out", "Replies written to sockets for client frames", value=s.replies_out)
         yield CounterMetricFamily("autogpt_ws_events_received", "Messages received from the event bus", value=s.events_received)
         yield CounterMetricFamily("autogpt_ws_events_ignored", "Bus messages nobody here subscribed to (not decoded)", value=s.events_ignored)
         yield CounterMetricFamily("autogpt_ws_events_forwarded", "Bus messages forwarded to at least one socket", value=s.events_forwarded)

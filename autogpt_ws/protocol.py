@@ -5,12 +5,23 @@ module is the transport side: authenticate at the upgrade, feed frames to
 the session strictly in order, write pushed frames (raw, framed once, when
 the socket does not compress), watch the send buffer, and close with the
 right code.
+
+Backpressure: the socket is its transport's streaming producer, so the
+transport tells it (``pauseProducing``) when more than its buffer size
+(64 KiB, or ``max_send_buffer`` if smaller) is unsent, and
+``resumeProducing`` once all is written.  Only while paused is the unsent
+output measured; a frame (push or reply) due while it exceeds
+``max_send_buffer`` closes the socket 1013 ``slow consumer`` and aborts it
+instead of being written.  So one socket holds at most ``max_send_buffer``
+plus one frame, a single frame larger than the bound still reaches a client
+that reads, and the other sockets never wait for a slow one.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol as _WS
@@ -21,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .auth import AuthFailure, Identity
+from .limits import TokenBucket, descriptor_of, unsent_bytes
 from .session import Session
 from .wire import ERR_RATE_LIMITED, OutFrame, error
 
@@ -37,23 +49,25 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013
 
+RATE_LIMITED = error(ERR_RATE_LIMITED)
+
 
 class ServerProtocol(WebSocketServerProtocol):
     factory: "WebsocketFactory"
 
     user_id: str = ""
+    _expires_at: float | None = None  # the token's exp
     _denied: AuthFailure | None = None
     _expiry: IDelayedCall | None = None
     _session: Session | None = None
     _attached = False
     _deflate = False
     _paused = False
-    _backlog = 0
+    _backlog = 0  # bytes written while paused, when the buffer cannot be read
+    _descriptor: Any = None  # the file descriptor buffering our output
     _busy: Deferred[None] | None = None
     _inbox: deque[bytes] | None = None
-    _tokens = 0.0
-    _refill_at = 0.0
-    _refused = 0
+    _bucket: TokenBucket | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -61,16 +75,16 @@ class ServerProtocol(WebSocketServerProtocol):
         super().connectionMade()
         self.keys: set[str] = set()
         self.factory.sockets.add(self)
-        # twisted.web's HTTP channel registered itself as the producer of
-        # this transport before the upgrade took it over; we are the
-        # producer now, so pauses tell us our client is not reading.
+        # twisted.web's HTTPChannel registered itself as the producer of this
+        # transport before WebSocketResource took the transport over; we are
+        # the producer now, so pauses tell us our client is not reading.
         transport: Any = self.transport
-        if getattr(transport, "producer", None) is not None:
-            transport.unregisterProducer()
-        try:
-            transport.registerProducer(self, True)
-        except RuntimeError:
-            pass
+        transport.unregisterProducer()  # a no-op when none is registered
+        transport.registerProducer(self, True)
+        descriptor = self._descriptor = descriptor_of(transport)
+        bound = self.factory.settings.max_send_buffer
+        if descriptor is not None and descriptor.bufferSize > bound:
+            descriptor.bufferSize = bound  # pause us, and so check, below the bound
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         try:
@@ -84,6 +98,9 @@ class ServerProtocol(WebSocketServerProtocol):
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         self._expiry = None
+        if self.closeHandshakeTimeoutCall is not None:  # Autobahn leaves it pending
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         if self._attached:
             self._attached = False
             factory.hub.detach(self)
@@ -102,10 +119,24 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def resumeProducing(self) -> None:
         self._paused = False
-        self._backlog = 0
 
     def stopProducing(self) -> None:
         pass
+
+    def unsent(self) -> int:
+        """Bytes written to this socket and not yet taken by the kernel
+        (an estimate above the transport's buffer size when the transport's
+        buffer cannot be read)."""
+        if self._descriptor is not None:
+            return unsent_bytes(self._descriptor)
+        return self.factory.transport_buffer + self._backlog if self._paused else 0
+
+    def _over_limit(self) -> bool:
+        """Called only while paused: is the unsent output over the bound?"""
+        if self.unsent() > self.factory.settings.max_send_buffer:
+            self._slow_consumer()
+            return True
+        return False
 
     # -- handshake ----------------------------------------------------------
 
@@ -115,7 +146,10 @@ class ServerProtocol(WebSocketServerProtocol):
         if refusal is not None:
             factory.stats.handshakes_refused[getattr(refusal, "label", str(refusal.code))] += 1
             raise refusal
-        tokens = request.params.get("token") or [None]
+        # Autobahn's request.params drops blank values; "token=x&token=" must
+        # read as the empty (missing) last token, as the AutoGPT server does
+        query = urlsplit(self.http_request_uri).query
+        tokens = parse_qs(query, keep_blank_values=True).get("token") or [None]
         d = factory.verifier.verify(tokens[-1])
         d.addCallbacks(self._authenticated, self._auth_failed)
         return d
@@ -150,13 +184,13 @@ class ServerProtocol(WebSocketServerProtocol):
         factory.stats.open_sockets += 1
         factory.stats.sockets_opened += 1
         self._session = factory.session_for(self)
-        self._tokens = float(settings.rate_burst)
-        self._refill_at = factory.clock.seconds()
+        if settings.rate_limit:
+            self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst, factory.clock.seconds())
         self._schedule_expiry()
 
     def _schedule_expiry(self) -> None:
         settings = self.factory.settings
-        expires_at = getattr(self, "_expires_at", None)
+        expires_at = self._expires_at
         if expires_at is None or not settings.token_expiry_close:
             return
         clock = self.factory.clock
@@ -186,24 +220,17 @@ class ServerProtocol(WebSocketServerProtocol):
         self._dispatch(payload)
 
     def _admit(self) -> bool:
-        """Token bucket on client frames; sustained abuse closes 1008."""
-        settings = self.factory.settings
-        rate = settings.rate_limit
-        if not rate:
+        """Token bucket on client frames: beyond the burst an error reply,
+        ``rate_abuse_close`` refusals in a row close 1008."""
+        bucket = self._bucket
+        if bucket is None or bucket.take(self.factory.clock.seconds()):
             return True
-        now = self.factory.clock.seconds()
-        self._tokens = min(float(settings.rate_burst), self._tokens + (now - self._refill_at) * rate)
-        self._refill_at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            self._refused = 0
-            return True
-        self._refused += 1
         self.factory.stats.rate_limited += 1
-        if self._refused >= settings.rate_abuse_close:
+        if bucket.refused >= self.factory.settings.rate_abuse_close:
+            log.info("rate limit abused: closing socket of user {user_id}", user_id=self.user_id)
             self.close(CLOSE_POLICY, "rate limit exceeded")
         else:
-            self.sendMessage(error(ERR_RATE_LIMITED))
+            self.send_reply(RATE_LIMITED)
         return False
 
     def _dispatch(self, payload: bytes) -> None:
@@ -235,7 +262,8 @@ class ServerProtocol(WebSocketServerProtocol):
         log.failure("failed to handle a frame of user {user_id}", failure, user_id=self.user_id)
 
     def send_reply(self, payload: bytes) -> None:
-        if self.state == STATE_OPEN:
+        if self.state == STATE_OPEN and not (self._paused and self._over_limit()):
+            self.factory.stats.replies_out += 1
             self.sendMessage(payload)
 
     # -- outbound -----------------------------------------------------------
@@ -243,27 +271,25 @@ class ServerProtocol(WebSocketServerProtocol):
     def push(self, frame: OutFrame) -> None:
         """Write a frame built for many sockets. Raw write of the shared
         framing unless this socket compresses."""
-        if self.state != STATE_OPEN:
+        if self.state != STATE_OPEN or (self._paused and self._over_limit()):
             return
         if self._deflate:
             self.sendMessage(frame.payload)
-            size = len(frame.payload)
+            if self._paused:
+                self._backlog += len(frame.payload)
         else:
             wire = frame.wire
             self.transport.write(wire)  # type: ignore[union-attr]
-            size = len(wire)
-        if self._paused:
-            self._backlog += size
-            if self._backlog + self.factory.transport_buffer > self.factory.settings.max_send_buffer:
-                self._slow_consumer()
+            if self._paused:
+                self._backlog += len(wire)
 
     def _slow_consumer(self) -> None:
         self.factory.stats.slow_consumer_closes += 1
-        log.info("slow consumer: closing socket of user {user_id} ({buffered} bytes unsent)",
-                 user_id=self.user_id, buffered=self._backlog + self.factory.transport_buffer)
+        log.info("slow consumer: closing socket of user {user_id} ({unsent} bytes unsent)",
+                 user_id=self.user_id, unsent=self.unsent())
         self.close(CLOSE_TRY_AGAIN, "slow consumer")
-        # its buffer will not drain: do not wait for the closing handshake
-        self.factory.clock.callLater(0, self.abort)
+        # it does not read: the close frame would never get through
+        self.abort()
 
     # -- closing ------------------------------------------------------------
 

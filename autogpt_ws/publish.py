@@ -82,7 +82,8 @@ def execution_channels(layout: Layout, event: dict[str, Any], sharded: bool = Fa
 def publish_event(publisher: Publisher, layout: Layout, event: dict[str, Any],
                   sharded: bool = False, max_size: int = 16 * MiB) -> Deferred[list[int]]:
     data = envelope(event, max_size)
-    return gatherResults([publisher.publish(c, data) for c in execution_channels(layout, event, sharded)])
+    return gatherResults([publisher.publish(c, data) for c in execution_channels(layout, event, sharded)],
+                        consumeErrors=True)
 
 
 def notification(user_id: str, kind: str, event: str, **extra: Any) -> dict[str, Any]:

@@ -8,10 +8,11 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import __version__
 from .auth import TokenVerifier, verifier_for
@@ -84,6 +85,8 @@ class WebsocketServer(MultiService):
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
         self.stopping = False
+        self._stop_waiters: list[Deferred[None]] = []
+        self._stop_done = False
 
     # -- state --------------------------------------------------------------
 
@@ -112,7 +115,7 @@ class WebsocketServer(MultiService):
         except CannotListenError as exc:
             raise StartupError(f"cannot listen on {self.settings.endpoint}: {exc.socketError}") from None
         except Exception as exc:  # bad TLS material and the like
-            raise StartupError(f"cannot listen on {self.settings.endpoint}: {exc}") from None
+            raise StartupError(f"cannot listen on {self.settings.endpoint}: {type(exc).__name__}: {exc}") from None
 
     def startService(self) -> None:
         self.factory.startFactory()
@@ -131,14 +134,41 @@ class WebsocketServer(MultiService):
         except AttributeError:
             return self.settings.endpoint
 
+    def stopService(self) -> Deferred[None]:
+        """Stop accepting, close every socket with 1001 and wait for them
+        (bounded by shutdown_timeout, then abort the rest), then stop the
+        other children (the event bus...) in reverse order.  Calling it again
+        while it runs waits for the same stop."""
+        if self._stop_done:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._stop_waiters.append(done)
+        if not self.stopping:
+            self.stopping = True
+            self._stop().addBoth(self._stopped)
+        return done
+
+    def _stopped(self, result: object) -> None:
+        if isinstance(result, Failure):
+            log.failure("graceful stop failed", result)
+        self._stop_done = True
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
     @inlineCallbacks
-    def stopService(self) -> Any:
-        """Stop accepting, close every socket with 1001 (bounded), then stop
-        the bus."""
-        self.stopping = True
-        yield maybeDeferred(self.listener.stopService)
+    def _stop(self) -> Any:
+        started = self.reactor.seconds()
+        if self.listener.running or getattr(self.listener, "_waitingForPort", None) is not None:
+            # bound (privilegedStartService) even if never started
+            yield maybeDeferred(self.listener.stopService)
         yield self.factory.close_all(self.settings.shutdown_timeout)
-        yield maybeDeferred(self.bus.stopService)
+        for child in reversed(list(self)):
+            if child is not self.listener and child.running:
+                try:
+                    yield maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("stopping {service} failed", service=child.name or repr(child))
         self.factory.stopFactory()
-        self.running = False
-        log.info("autogpt-ws stopped")
+        Service.stopService(self)
+        log.info("autogpt-ws stopped in {elapsed:.2f}s", elapsed=self.reactor.seconds() - started)

@@ -94,6 +94,8 @@ class Session:
         return None
 
     def _resolved(self, found: bool, method: str, ident: str, key: str) -> None:
+        if not self.hub.attached(self.sink):
+            return  # the socket closed during the lookup: subscribing now would leak the key
         if found:
             self._subscribed(method, ident, key)
         elif self.not_found_reply:

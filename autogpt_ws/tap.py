@@ -7,15 +7,18 @@ service tree with :func:`build`.
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any, Callable
+from typing import IO, Any, Callable, Mapping
 
 from twisted.application.service import IService
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
-from . import logs
+from . import __version__, logs
 from .config import ConfigError, Settings, config_file_from, load
 
+# command-line option -> setting key
 OVERRIDES = {
     "host": "host", "port": "port", "listen": "listen", "log-level": "log_level",
     "log-format": "log_format", "workers": "workers", "event-bus": "event_bus",
@@ -38,8 +41,10 @@ class Options(usage.Options):
     ]
     optFlags = [["demo", None, "run a simulated executor publishing graph runs for the default user"]]
 
-    def __init__(self) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, stderr: IO[str] | None = None) -> None:
         super().__init__()
+        self.env = os.environ if env is None else env
+        self.stderr = stderr
         self.sets: dict[str, str] = {}
         self.settings: Settings | None = None
 
@@ -52,6 +57,11 @@ class Options(usage.Options):
 
     opt_o = opt_set
 
+    def opt_version(self) -> None:
+        """print the version and exit"""
+        sys.stdout.write(f"autogpt-ws {__version__}\n")
+        raise SystemExit(0)
+
     def overrides(self) -> dict[str, Any]:
         values: dict[str, Any] = dict(self.sets)
         for option, key in OVERRIDES.items():
@@ -60,26 +70,43 @@ class Options(usage.Options):
         return values
 
     def postOptions(self) -> None:
-        self.settings = load_or_exit(self["config"], self.overrides())
+        self.settings = load_or_exit(self["config"], self.overrides(), self.env, self.stderr)
         parent = getattr(self, "parent", None)
         if parent is not None and not parent.get("logger") and not parent.get("syslog"):
-            parent["logger"] = twistd_logger(parent, self.settings)
+            # twistd resolves --logger by name, after this method returns
+            global _twistd_observer_factory
+            _twistd_observer_factory = twistd_logger(parent, self.settings)
+            parent["logger"] = f"{__name__}.twistd_observer"
 
 
-def load_or_exit(config: str | None, overrides: dict[str, Any]) -> Settings:
+def load_or_exit(config: str | None, overrides: Mapping[str, Any],
+                 env: Mapping[str, str] | None = None, stderr: IO[str] | None = None) -> Settings:
     """Settings, or one line on stderr and exit status 2."""
     try:
-        return load(config_file_from(config), None, overrides)
+        return load(config_file_from(config, env), env, overrides)
     except ConfigError as exc:
-        sys.stderr.write(f"autogpt-ws: {exc}\n")
+        (stderr or sys.stderr).write(f"autogpt-ws: {exc}\n")
         raise SystemExit(2) from None
 
 
-def twistd_logger(parent: Any, settings: Settings) -> Callable[[], Any]:
+# The observer factory of this twistd run: twistd takes ``--logger`` as a
+# dotted name, so Options.postOptions leaves the real factory here and names
+# twistd_observer.  One twistd process parses one command line.
+_twistd_observer_factory: Callable[[], ILogObserver] | None = None
+
+
+def twistd_observer() -> ILogObserver:
+    """The ``--logger`` twistd calls: our level and format, twistd's file."""
+    if _twistd_observer_factory is None:
+        return logs.make_observer()
+    return _twistd_observer_factory()
+
+
+def twistd_logger(parent: Any, settings: Settings) -> Callable[[], ILogObserver]:
     """A twistd ``--logger`` factory that honours --logfile / -n and our
     level and format."""
 
-    def factory() -> Any:
+    def factory() -> ILogObserver:
         name = parent.get("logfile")
         if not name and not parent.get("nodaemon"):
             name = "twistd.log"
@@ -109,5 +136,6 @@ def build(settings: Settings, demo: bool = False, reactor: Any = None) -> IServi
 
 
 def makeService(options: Options) -> IService:
+    """twistd's entry: the same tree as ``python ws.py``."""
     assert options.settings is not None
     return build(options.settings, demo=bool(options["demo"]))

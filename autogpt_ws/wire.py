@@ -202,7 +202,16 @@ class OutFrame:
 # -- reading producers' envelopes without re-encoding them -------------------
 
 _WS = re.compile(r"[ \t\n\r]*")
-_SCAN = json.JSONDecoder().scan_once
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN, Infinity and -Infinity are Python's, not JSON: forwarded inside a
+    # push frame they would break every client's JSON.parse
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_SCAN = _DECODER.scan_once
 
 
 def scan_object(text: str, index: int = 0) -> tuple[dict[str, tuple[Any, int, int]], int]:
@@ -249,7 +258,9 @@ def open_envelope(data: bytes) -> tuple[dict[str, Any], bytes]:
         if data.startswith(_PREFIX) and data.endswith(b"}"):
             raw = data[len(_PREFIX):-1].strip(b" \t\r\n")
             try:
-                event = json.loads(raw)
+                # decoded as strict UTF-8 here: json.loads(bytes) would also
+                # take UTF-16/32 and a BOM, and those bytes are forwarded as is
+                event = _DECODER.decode(raw.decode("utf-8"))
             except ValueError:
                 event = None  # not the compact form: take the slow path
             if isinstance(event, dict):

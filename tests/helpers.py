@@ -225,3 +225,362 @@ def redis_server(test: TestCase, **kwargs: Any) -> RedisServer:
 
 
 PYTHON = os.environ.get("AUTOGPT_WS_TEST_PYTHON") or __import__("sys").executable
+
+
+# -- raw WebSocket clients (no Autobahn: cheap, and free to misbehave) --------
+
+from twisted.internet.protocol import ClientFactory as _ClientFactory, Protocol as _Protocol  # noqa: E402
+
+
+class HandshakeRefused(Exception):
+    """The server answered the upgrade with an HTTP status other than 101."""
+
+    def __init__(self, status: int, head: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.head = head
+
+
+def ws_client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True, mask: bytes | None = None) -> bytes:
+    """An RFC 6455 client frame (masked, as a client must)."""
+    import struct as _struct
+
+    key = os.urandom(4) if mask is None else mask
+    size = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if size < 126:
+        head = bytes((first, 0x80 | size))
+    elif size < 65536:
+        head = _struct.pack("!BBH", first, 0x80 | 126, size)
+    else:
+        head = _struct.pack("!BBQ", first, 0x80 | 127, size)
+    if size:
+        repeated = (key * (size // 4 + 1))[:size]
+        payload = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
+    return head + key + payload
+
+
+def raw_upgrade_request(path: str = "/ws", host: str = "127.0.0.1", headers: dict[str, str] | None = None) -> bytes:
+    import base64 as _b64
+
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {_b64.b64encode(os.urandom(16)).decode()}", "Sec-WebSocket-Version: 13"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class RawClient(_Protocol):
+    """A minimal WebSocket client protocol written by hand: sends the upgrade,
+    parses the server's frames, answers pings and closes unless told not to.
+
+    ``opened`` fires with the client on 101 (errback HandshakeRefused
+    otherwise), ``lost`` when the TCP connection is gone.  Text frames go to
+    ``messages``; ``close_code``/``close_reason`` hold the server's close
+    frame, ``pings`` counts pings received."""
+
+    def __init__(self, path: str = "/ws", headers: dict[str, str] | None = None,
+                 answer_pings: bool = True, answer_close: bool = True, keep_messages: bool = True) -> None:
+        self.path = path
+        self.headers = headers
+        self.answer_pings = answer_pings
+        self.answer_close = answer_close
+        self.keep_messages = keep_messages
+        self.transport: Any = None
+        self.opened: Deferred[RawClient] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+        self.messages: list[bytes] = []
+        self.message_count = 0
+        self.pings = 0
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.status: int | None = None
+        self._buffer = b""
+        self._upgraded = False
+        self._waiters: list[tuple[int, Deferred[bytes]]] = []
+        self._fragments: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(raw_upgrade_request(self.path, headers=self.headers))
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if not self._upgraded:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, self._buffer = self._buffer[:end + 4], self._buffer[end + 4:]
+            try:
+                self.status = int(head.split(b" ", 2)[1])
+            except (IndexError, ValueError):
+                self.status = 0
+            if self.status != 101:
+                self.transport.loseConnection()
+                if not self.opened.called:
+                    self.opened.errback(HandshakeRefused(self.status, head))
+                return
+            self._upgraded = True
+            self.opened.callback(self)
+        self._frames()
+
+    def _frames(self) -> None:
+        import struct as _struct
+
+        buf = self._buffer
+        pos = 0
+        while len(buf) - pos >= 2:
+            first, second = buf[pos], buf[pos + 1]
+            size = second & 0x7F
+            head = 2
+            if size == 126:
+                if len(buf) - pos < 4:
+                    break
+                size = _struct.unpack_from("!H", buf, pos + 2)[0]
+                head = 4
+            elif size == 127:
+                if len(buf) - pos < 10:
+                    break
+                size = _struct.unpack_from("!Q", buf, pos + 2)[0]
+                head = 10
+            if len(buf) - pos < head + size:
+                break
+            payload = buf[pos + head:pos + head + size]
+            pos += head + size
+            self._frame(first & 0x80, first & 0x0F, payload)
+        self._buffer = buf[pos:]
+
+    def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
+        if opcode == 0x9:
+            self.pings += 1
+            if self.answer_pings:
+                self.send(payload, opcode=0xA)
+        elif opcode == 0x8:
+            if self.close_code is None:
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.close_reason = payload[2:].decode("utf-8", "replace")
+                if self.answer_close:
+                    self.send(payload[:2], opcode=0x8)
+        elif opcode in (0x0, 0x1, 0x2):
+            self._fragments.append(payload)
+            if fin:
+                message = b"".join(self._fragments)
+                self._fragments = []
+                self.message_count += 1
+                if self.keep_messages:
+                    self.messages.append(message)
+                    self._wake()
+
+    def _wake(self) -> None:
+        count = len(self.messages)
+        ready = [w for w in self._waiters if w[0] < count]
+        if ready:
+            self._waiters = [w for w in self._waiters if w[0] >= count]
+            for index, waiter in ready:
+                waiter.callback(self.messages[index])
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.opened.called:
+            self.opened.errback(HandshakeRefused(self.status or 0, b""))
+        for _, waiter in self._waiters:
+            waiter.errback(ConnectionError("connection lost"))
+        self._waiters = []
+        self.lost.callback(None)
+
+    # actions
+
+    def send(self, payload: bytes | str, opcode: int = 0x1, fin: bool = True) -> None:
+        data = payload.encode("utf-8") if isinstance(payload, str) else payload
+        self.transport.write(ws_client_frame(data, opcode, fin))
+
+    def message(self, index: int, timeout: float = 5.0) -> Deferred[bytes]:
+        if index < len(self.messages):
+            return succeed(self.messages[index])
+        waiter: Deferred[bytes] = Deferred()
+        self._waiters.append((index, waiter))
+        waiter.addTimeout(timeout, reactor)
+        return waiter
+
+    @inlineCallbacks
+    def request(self, payload: bytes | str, timeout: float = 5.0) -> Any:
+        index = len(self.messages)
+        self.send(payload)
+        reply = yield self.message(index, timeout)
+        return reply
+
+    def abort(self) -> Deferred[None]:
+        """Drop the TCP connection now; fires when it is gone."""
+        if not self.lost.called and self.transport is not None:
+            self.transport.abortConnection()
+        return self.lost
+
+
+class _One(_ClientFactory):
+    """Hands out one protocol instance; a failed connect fails its ``opened``
+    or ``done`` Deferred."""
+
+    noisy = False
+
+    def __init__(self, protocol: _Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> _Protocol:
+        return self.protocol_instance
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        waiter = getattr(self.protocol_instance, "opened", None) or getattr(self.protocol_instance, "done")
+        if not waiter.called:
+            waiter.errback(reason)
+
+
+def _raw_factory(client: _Protocol) -> _One:
+    return _One(client)
+
+
+def raw_connect(port: int, client: RawClient | None = None, test: TestCase | None = None,
+                rcvbuf: int | None = None, **kwargs: Any) -> Deferred[RawClient]:
+    """Open a RawClient to 127.0.0.1:port; fires when the upgrade is
+    answered 101 (fails with HandshakeRefused otherwise).  ``rcvbuf`` sets
+    SO_RCVBUF before connecting (a client meant to stop reading).  With
+    ``test``, the socket is aborted and awaited at cleanup."""
+    client = client or RawClient(**kwargs)
+    if test is not None:
+        test.addCleanup(client.abort)
+    if rcvbuf is None:
+        reactor.connectTCP("127.0.0.1", port, _raw_factory(client), timeout=5)
+    else:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.connect(("127.0.0.1", port))  # completes in the kernel's accept queue
+            sock.setblocking(False)
+            reactor.adoptStreamConnection(sock.fileno(), socket.AF_INET, _raw_factory(client))
+    return client.opened
+
+
+def server_side(server: WebsocketServer, client: Any) -> Any:
+    """The server's protocol for a client socket (RawClient or Client)."""
+    port = client.transport.getHost().port
+    for proto in server.factory.sockets:
+        if proto.transport is not None and proto.transport.getPeer().port == port:
+            return proto
+    raise LookupError(f"no server socket for client port {port}")
+
+
+def tcp_buffered(transport: Any) -> int:
+    """Bytes a Twisted TCP transport holds unsent in user space."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+class _HTTPGet(_Protocol):
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.chunks: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done.callback(b"".join(self.chunks))
+
+
+@inlineCallbacks
+def http_fetch(port: int, path: str, headers: dict[str, str] | None = None) -> Any:
+    """(status, header dict with lower-case names, body) of an HTTP/1.0 GET
+    on 127.0.0.1:port; fires once the server has closed the connection."""
+    lines = [f"GET {path} HTTP/1.0", "Host: 127.0.0.1"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+    proto = _HTTPGet(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    reactor.connectTCP("127.0.0.1", port, _raw_factory(proto), timeout=5)
+    raw = yield proto.done
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    found = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        found[name.strip().lower()] = value.strip()
+    return int(status_line.split(" ")[1]), found, body
+
+
+# -- raw TCP ------------------------------------------------------------------
+
+from typing import Callable  # noqa: E402
+
+
+def raw_request(port: int, data: bytes, timeout: float = 5.0,
+                until: Callable[[bytes], bool] | None = None) -> Deferred[bytes]:
+    """Write ``data`` to 127.0.0.1:port and fire with every byte received
+    until the server closes, ``until(received)`` is true (then this side
+    closes), or ``timeout`` passes (then the connection is aborted); fires
+    with what came so far. For answers a WebSocket client library would
+    hide: an HTTP 403 to an upgrade, the exact bytes after a 101."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    done: Deferred[bytes] = Deferred()
+
+    class Collect(Protocol):
+        def __init__(self) -> None:
+            self.chunks: list[bytes] = []
+            self.timer: Any = None
+
+        def connectionMade(self) -> None:
+            self.transport.write(data)  # type: ignore[union-attr]
+            self.timer = reactor.callLater(timeout, self.transport.abortConnection)  # type: ignore[attr-defined,union-attr]
+
+        def dataReceived(self, chunk: bytes) -> None:
+            self.chunks.append(chunk)
+            if until is not None and until(b"".join(self.chunks)):
+                self.transport.abortConnection()  # type: ignore[union-attr]
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if self.timer is not None and self.timer.active():
+                self.timer.cancel()
+            if not done.called:
+                done.callback(b"".join(self.chunks))
+
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+    endpoint.connect(Factory.forProtocol(Collect)).addErrback(lambda f: done.called or done.errback(f))
+    return done
+
+
+def upgrade_request(path: str, host: str = "127.0.0.1") -> bytes:
+    """A minimal RFC 6455 upgrade request for ``path`` (query included)."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode("ascii")
+
+
+# -- appended for the Redis bus tests -----------------------------------------
+
+
+@inlineCallbacks
+def http_get(port: int, path: str) -> Any:
+    """GET http://127.0.0.1:port/path on a fresh connection: (status, body)."""
+    from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    response = yield agent.request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+    body = yield readBody(response)
+    return response.code, body
+
+
+def redis_clients(redis: RedisServer, kind: str = "pubsub", password: str = "") -> list[bytes]:
+    """The lines of CLIENT LIST TYPE <kind> (one per connection)."""
+    if password:
+        with socket.create_connection(("127.0.0.1", redis.port), timeout=2) as sock:
+            sock.sendall(b"AUTH %s\r\nCLIENT LIST TYPE %s\r\n" % (password.encode(), kind.encode()))
+            reply = b""
+            while reply.count(b"\r\n") < 3:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        if not reply.startswith(b"+OK\r\n"):
+            raise AssertionError(f"AUTH failed: {reply!r}")
+        reply = reply[5:]
+    else:
+        reply = redis.command("CLIENT", "LIST", "TYPE", kind)
+    if not reply.startswith(b"$"):
+        raise AssertionError(f"CLIENT LIST failed: {reply!r}")
+    return [line for line in reply.split(b"\r\n", 1)[1].splitlines() if line.startswith(b"id=")]

@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 
 import hiredis
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 MESSAGES = frozenset((b"message", b"pmessage", b"smessage"))
@@ -47,12 +47,17 @@ MessageHandler = Callable[[bytes, bytes, bytes], None]
 
 
 class _Pending:
-    __slots__ = ("deferred", "acks", "replies")
+    __slots__ = ("deferred", "acks", "replies", "verb", "channels")
 
-    def __init__(self, deferred: Deferred[Any], acks: int) -> None:
+    def __init__(self, deferred: Deferred[Any], acks: int, verb: bytes | None = None,
+                 channels: frozenset[bytes] = frozenset()) -> None:
         self.deferred = deferred
         self.acks = acks  # subscribe-family commands answer with one ack per channel
         self.replies: list[Any] = []
+        # what an ack must say to count for this command (None: any ack);
+        # keeps a server-pushed sunsubscribe from being taken for our own ack
+        self.verb = verb
+        self.channels = channels
 
 
 class RedisProtocol(Protocol):
@@ -62,6 +67,8 @@ class RedisProtocol(Protocol):
         self._pending: deque[_Pending] = deque()
         self.on_message = on_message
         self.on_push = on_push
+        # fires with the loss reason as a Failure, i.e. down the errback
+        # path: watch it with addBoth (or addErrback), never addCallback
         self.lost: Deferred[Failure] = Deferred()
         self.connected = False
 
@@ -73,15 +80,19 @@ class RedisProtocol(Protocol):
 
     def subscribe(self, verb: str, channels: Sequence[str | bytes]) -> Deferred[Any]:
         """(P|S)(UN)SUBSCRIBE; fires once every channel was acknowledged.
-        Unsubscribing from nothing still gets one ack."""
-        return self._send((verb, *channels), max(1, len(channels)))
+        Unsubscribing from nothing still gets one ack.  Only acks naming this
+        verb (and one of these channels, when given) count; others, such as
+        a ``sunsubscribe`` the server sends on its own, go to ``on_push``."""
+        names = frozenset(c.encode("utf-8") if isinstance(c, str) else c for c in channels)
+        return self._send((verb, *channels), max(1, len(channels)), verb.lower().encode("ascii"), names)
 
-    def _send(self, args: Sequence[str | bytes | int], acks: int) -> Deferred[Any]:
+    def _send(self, args: Sequence[str | bytes | int], acks: int, verb: bytes | None = None,
+              channels: frozenset[bytes] = frozenset()) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         if not self.connected or self.transport is None:
             d.errback(ConnectionError("not connected to Redis"))
             return d
-        self._pending.append(_Pending(d, acks))
+        self._pending.append(_Pending(d, acks, verb, channels))
         self.transport.write(encode(args))
         return d
 
@@ -98,7 +109,7 @@ class RedisProtocol(Protocol):
             reply = reader.gets()
             if reply is False:
                 return
-            if type(reply) is list and reply:
+            if type(reply) is list and reply and type(reply[0]) is bytes:  # not e.g. CLUSTER SLOTS
                 kind = reply[0]
                 if kind in MESSAGES and on_message is not None:
                     if kind == b"pmessage":
@@ -119,6 +130,9 @@ class RedisProtocol(Protocol):
         if not self._pending or self._pending[0].acks == 0:
             return False
         head = self._pending[0]
+        if head.verb is not None and (reply[0] != head.verb or (
+                head.channels and len(reply) > 1 and reply[1] not in head.channels)):
+            return False
         head.replies.append(reply)
         head.acks -= 1
         if head.acks == 0:
@@ -144,6 +158,19 @@ class RedisProtocol(Protocol):
             self.lost.callback(reason)
 
 
+class _OneShot(Factory):
+    """connectProtocol's factory, without its "Starting factory" /
+    "Stopping factory" lines on every (re)connect attempt."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
 def connect(reactor: Any, host: str, port: int, *, timeout: float = 5.0, tls: bool = False,
             ca_file: str = "", protocol: RedisProtocol | None = None) -> Deferred[RedisProtocol]:
     """Open a connection (TLS verified against ``host`` with service_identity
@@ -157,7 +184,7 @@ def connect(reactor: Any, host: str, port: int, *, timeout: float = 5.0, tls: bo
             with open(ca_file, "rb") as handle:
                 trust = Certificate.loadPEM(handle.read())
         endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
-    return connectProtocol(endpoint, protocol or RedisProtocol())
+    return endpoint.connect(_OneShot(protocol or RedisProtocol()))
 
 
 def handshake(conn: RedisProtocol, username: str = "", password: str = "", db: int = 0,

@@ -1,0 +1,370 @@
+"""The sharded Redis Cluster bus: what AutoGPT's SPUBLISH executors need.
+
+Redis Cluster has no wildcard for shard channels, so the bus subscribes to
+exactly the channels this server's sockets need, driven by the hub
+(:class:`~autogpt_ws.hub.HubWatcher`)::
+
+    graph key  <u>|graph#<g>|executions -> <exec_bus>/{<u>/<g>}/all
+    exec key   <u>|graph_exec#<e>       -> <exec_bus>/{<u>/<g>}/exec/<e>   (g from the resolver)
+    a user's first socket               -> <notif_bus>/<u>
+
+The hub's key lifetime is the reference count of a key; channels are
+counted again here (a channel is wanted while any key or user maps to it),
+so one ``SSUBSCRIBE`` per channel is sent when it becomes wanted and one
+``SUNSUBSCRIBE`` when it stops being wanted.
+
+Placement: the slot map (``CLUSTER SLOTS``, from the seed nodes, then any
+known master) names each slot's master; a channel goes on the
+:class:`~autogpt_ws.bus.shard.ShardLink` of its slot's master: one
+subscriber connection per master, whatever the number of sockets and
+channels.  Faults end in a refresh of the map and a re-placement:
+
+- ``MOVED`` to a ``SSUBSCRIBE``: the slot's new owner is taken from the
+  error at once, and the map is refreshed from that node;
+- a server-sent ``sunsubscribe`` (the slot migrated): refreshed from the
+  node that sent it (it knows the new owner);
+- a shard node lost (restart, failover): its link reconnects with backoff
+  and resubscribes; meanwhile the map is refreshed, and if another node now
+  owns its slots (a replica was promoted) the channels move there and the
+  old link is closed;
+- a refresh every ``refresh_interval`` seconds catches anything else.
+
+A channel is removed from its old link before it is added to the new one,
+and a link delivers only channels it holds, so nothing is held or delivered
+twice.  ``ready()`` is true when the map is known, every master's link is
+connected and every wanted channel is confirmed by its owner.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..config import Settings
+from ..hub import Hub
+from ..metrics import Stats
+from ..router import Router
+from . import IEventBus
+from .executions import ExecutionResolver, describe_url
+from .resp import RedisProtocol, connect, handshake
+from .shard import ConnectOptions, ShardLink, backoff, closed
+from .slots import Address, SlotMap, format_address, parse_address
+
+log = Logger()
+
+MIN_REFRESH_INTERVAL = 0.5  # a burst of MOVED/sunsubscribe costs one refresh per this
+
+
+def seed_nodes(settings: Settings) -> list[Address]:
+    seeds = [(settings.redis_cluster_host, settings.redis_cluster_port)] if settings.redis_cluster_host else []
+    seeds.extend(parse_address(node) for node in settings.redis_cluster_nodes)
+    return list(dict.fromkeys(seeds))
+
+
+@implementer(IEventBus)
+class ClusterBus(Service):
+    kind = "redis-cluster"
+
+    def __init__(self, settings: Settings, router: Router, reactor: Any, stats: Stats, hub: Hub, *,
+                 resolver: ExecutionResolver | None = None, refresh_interval: float = 30.0,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.router = router
+        self.layout = router.layout
+        self.reactor = reactor
+        self.stats = stats
+        self.hub = hub
+        self.seeds = seed_nodes(settings)
+        self.options = ConnectOptions(settings.redis_tls, settings.redis_tls_ca_file, settings.redis_connect_timeout,
+                                      settings.redis_username, settings.redis_password)
+        self.resolver = resolver or ExecutionResolver(settings.database_url, reactor)
+        self.database = describe_url(settings.database_url)
+        self.refresh_interval = refresh_interval
+        self.rng = rng
+        self.slots: SlotMap | None = None
+        self.links: dict[Address, ShardLink] = {}
+        self.refreshes = 0  # slot maps fetched
+        self._wanted: Counter[str] = Counter()  # channel -> keys and users mapping to it
+        self._key_channel: dict[str, str] = {}
+        self._placed: dict[str, Address] = {}  # channel -> the link holding it
+        self._unplaced: set[str] = set()  # wanted, but no known owner yet
+        self._closing: list[Deferred[Any]] = []  # links being closed
+        self._refreshing: Deferred[Any] | None = None
+        self._refresh_call: Any = None
+        self._refresh_again = False
+        self._refresh_failures = 0
+        self._last_refresh = float("-inf")
+        self._hints: list[Address] = []
+        self._control: RedisProtocol | None = None
+        self._control_attempt: Deferred[RedisProtocol] | None = None
+        self._last_error = "discovering the cluster"
+
+    # -- IEventBus ----------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.running:
+            return False, "event bus stopped"
+        if self.slots is None:
+            return False, f"no cluster slot map: {self._last_error}"
+        down = sorted(link.name for link in self.links.values() if not link.connected)
+        if down:
+            return False, f"shard node(s) not connected: {', '.join(down)}"
+        if self._unplaced:
+            return False, f"{len(self._unplaced)} channel(s) waiting for a shard owner"
+        unconfirmed = sum(link.unconfirmed() for link in self.links.values())
+        if unconfirmed:
+            return False, f"{unconfirmed} channel(s) not yet subscribed"
+        return True, ""
+
+    def describe(self) -> str:
+        seeds = ", ".join(format_address(a) for a in self.seeds)
+        tls = ", TLS" if self.options.tls else ""
+        return f"redis-cluster (SSUBSCRIBE, seeds {seeds}{tls}; executions from {self.database})"
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.resolver.database_url:
+            log.warn("DATABASE_URL is not set: subscribe_graph_execution cannot be resolved on redis-cluster")
+        self.resolver.start()
+        self.hub.watch(self)
+        for user_id in tuple(self.hub.users()):
+            self.user_added(user_id)
+        for key in tuple(self.hub.keys()):
+            self.key_added(key)
+        self._refresh()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self.hub.unwatch(self)
+        if self._refresh_call is not None and self._refresh_call.active():
+            self._refresh_call.cancel()
+        waits = [link.stop() for link in self.links.values()] + self._closing
+        self.links.clear()
+        self._closing = []
+        if self._control_attempt is not None:
+            self._control_attempt.cancel()
+        control = self._control
+        if control is not None and control.connected and control.transport is not None:
+            waits.append(closed(control))
+            control.transport.abortConnection()
+        if self._refreshing is not None:
+            waits.append(self._refreshing)
+        d = gatherResults(waits, consumeErrors=True)
+        d.addBoth(lambda _: self.resolver.stop())
+        return d
+
+    # -- the hub's keys and users -------------------------------------------------
+
+    def channel_for_key(self, key: str) -> str | None:
+        user_id, _, rest = key.partition("|")
+        if rest.startswith("graph_exec#"):
+            exec_id = rest[len("graph_exec#"):]
+            graph_id = self.resolver.graph_id(user_id, exec_id)
+            return None if graph_id is None else self.layout.sharded_exec(user_id, graph_id, exec_id)
+        if rest.startswith("graph#") and rest.endswith("|executions"):
+            return self.layout.sharded_all(user_id, rest[len("graph#"):-len("|executions")])
+        return None
+
+    def key_added(self, key: str) -> None:
+        channel = self.channel_for_key(key)
+        if channel is None:
+            log.warn("no shard channel for subscription {key} (execution not resolved)", key=key)
+            return
+        self._key_channel[key] = channel
+        self._want(channel)
+
+    def key_removed(self, key: str) -> None:
+        channel = self._key_channel.pop(key, None)
+        if channel is not None:
+            self._unwant(channel)
+
+    def user_added(self, user_id: str) -> None:
+        self._want(self.layout.notification(user_id))
+
+    def user_removed(self, user_id: str) -> None:
+        self._unwant(self.layout.notification(user_id))
+
+    def _want(self, channel: str) -> None:
+        self._wanted[channel] += 1
+        if self._wanted[channel] == 1:
+            self._place(channel)
+
+    def _unwant(self, channel: str) -> None:
+        left = self._wanted[channel] - 1
+        if left > 0:
+            self._wanted[channel] = left
+            return
+        del self._wanted[channel]
+        self._unplaced.discard(channel)
+        address = self._placed.pop(channel, None)
+        link = self.links.get(address) if address is not None else None
+        if link is not None:
+            link.remove(channel)
+
+    # -- placement ------------------------------------------------------------------
+
+    def _link(self, address: Address) -> ShardLink:
+        link = self.links.get(address)
+        if link is None:
+            link = self.links[address] = ShardLink(address, self, self.reactor, self.options, self.stats, rng=self.rng)
+            link.start()
+        return link
+
+    def _place(self, channel: str) -> None:
+        """Put ``channel`` on its owner's link (off any other one)."""
+        owner = self.slots.owner_of(channel) if self.slots is not None else None
+        current = self._placed.get(channel)
+        if current is not None and current == owner:
+            return
+        if current is not None:
+            del self._placed[channel]
+            if current in self.links:
+                self.links[current].remove(channel)
+        if owner is None:
+            self._unplaced.add(channel)
+            return
+        self._unplaced.discard(channel)
+        self._placed[channel] = owner
+        self._link(owner).add(channel)
+
+    def _apply(self, slots: SlotMap) -> None:
+        self.slots = slots
+        masters = slots.masters()
+        for address in sorted(masters):
+            self._link(address)
+        for channel in tuple(self._wanted):
+            self._place(channel)
+        for address in tuple(self.links):
+            if address not in masters:
+                link = self.links.pop(address)
+                log.info("shard node {node} no longer a master: closing its link", node=link.name)
+                self._closing.append(link.stop())
+
+    # -- what links report ---------------------------------------------------------
+
+    def deliver(self, channel: str, data: bytes) -> None:
+        self.router.sharded(channel, data)
+
+    def channel_lost(self, link: ShardLink, channel: str, moved: tuple[int, Address] | None) -> None:
+        if self._placed.get(channel) == link.address:
+            del self._placed[channel]
+        if channel not in self._wanted:
+            return
+        self._unplaced.add(channel)
+        if moved is not None and self.slots is not None and self.running:
+            slot, address = moved
+            self.slots = self.slots.with_owner(slot, address)
+            self._place(channel)
+            self.request_refresh(address)
+        else:
+            self.request_refresh(link.address)
+
+    def link_down(self, link: ShardLink) -> None:
+        self.request_refresh()
+
+    # -- slot map -----------------------------------------------------------------
+
+    def request_refresh(self, hint: Address | None = None) -> None:
+        """Refresh the slot map soon (at most once per MIN_REFRESH_INTERVAL),
+        asking ``hint`` first."""
+        if not self.running:
+            return
+        if hint is not None and hint not in self._hints:
+            self._hints.append(hint)
+        if self._refreshing is not None:
+            self._refresh_again = True
+            return
+        delay = max(0.0, self._last_refresh + MIN_REFRESH_INTERVAL - self.reactor.seconds())
+        self._schedule_refresh(delay)
+
+    def _schedule_refresh(self, delay: float) -> None:
+        call = self._refresh_call
+        if call is not None and call.active():
+            if call.getTime() <= self.reactor.seconds() + delay:
+                return
+            call.cancel()
+        self._refresh_call = self.reactor.callLater(delay, self._refresh)
+
+    def _refresh(self) -> None:
+        if self._refresh_call is not None and self._refresh_call.active():
+            self._refresh_call.cancel()
+        self._refresh_call = None
+        if self._refreshing is not None or not self.running:
+            return
+        self._last_refresh = self.reactor.seconds()
+        up = [a for a, link in self.links.items() if link.connected]
+        down = [a for a in self.links if a not in up]
+        candidates = list(dict.fromkeys([*self._hints, *sorted(up), *self.seeds, *sorted(down)]))
+        self._hints = []
+        self._refreshing = d = self._fetch_slots(candidates)
+        d.addCallbacks(self._refreshed, self._refresh_failed)
+
+    @inlineCallbacks
+    def _fetch_slots(self, candidates: list[Address]) -> Any:
+        errors = []
+        for address in candidates:
+            if not self.running:
+                break
+            self._control_attempt = attempt = self._open_control(address)
+            try:
+                conn = yield attempt
+            except Exception as exc:
+                errors.append(f"{format_address(address)}: {exc}")
+                continue
+            finally:
+                self._control_attempt = None
+            self._control = conn
+            deadline = self.reactor.callLater(self.options.timeout, conn.transport.abortConnection)
+            try:
+                yield handshake(conn, self.options.username, self.options.password, 0, self.options.name + "-control")
+                reply = yield conn.command("CLUSTER", "SLOTS")
+                return SlotMap.from_cluster_slots(reply, address)
+            except Exception as exc:
+                errors.append(f"{format_address(address)}: {exc}")
+            finally:
+                if deadline.active():
+                    deadline.cancel()
+                self._control = None
+                gone = closed(conn)
+                if conn.connected:
+                    conn.transport.loseConnection()
+                yield gone
+        raise ConnectionError("; ".join(errors) or "no seed node configured")
+
+    def _open_control(self, address: Address) -> Deferred[RedisProtocol]:
+        o = self.options
+        return connect(self.reactor, address[0], address[1], timeout=o.timeout, tls=o.tls, ca_file=o.ca_file)
+
+    def _refreshed(self, slots: SlotMap) -> None:
+        self._refreshing = None
+        if not self.running:
+            return
+        self.refreshes += 1
+        if self._refresh_failures or self.slots is None:
+            log.info("cluster slot map: {count} masters {masters}", count=len(slots.masters()),
+                     masters=", ".join(format_address(a) for a in sorted(slots.masters())))
+        self._refresh_failures = 0
+        self._apply(slots)
+        if self._refresh_again:
+            self._refresh_again = False
+            self.request_refresh()
+        else:
+            self._schedule_refresh(self.refresh_interval)
+
+    def _refresh_failed(self, failure: Failure) -> None:
+        self._refreshing = None
+        if not self.running:
+            return
+        self._refresh_failures += 1
+        self._last_error = failure.getErrorMessage()
+        delay = backoff(self._refresh_failures, self.rng)
+        log.warn("cannot read the cluster slot map ({error}); retry {attempt} in {delay:.1f}s",
+                 error=self._last_error, attempt=self._refresh_failures, delay=delay)
+        self._refresh_again = False
+        self._schedule_refresh(delay)

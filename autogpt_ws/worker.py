@@ -1,0 +1,46 @@
+"""One worker of ``autogpt-ws --workers N``: ``python -m autogpt_ws.worker
+[options]``, spawned by :mod:`autogpt_ws.workers`.
+
+The same options and settings as ``autogpt-ws``; the server is built the
+same way, then listens with SO_REUSEPORT on the port the supervisor chose,
+and runs until SIGTERM (a graceful stop: sockets closed with 1001).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.python import usage
+
+from . import logs
+from .app import run_processes
+from .tap import Options, build
+from .workers import ENV_INDEX, ENV_PORT, ENV_SUPERVISOR, detach_from_terminal_group, use_reuse_port
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get(ENV_SUPERVISOR):
+        detach_from_terminal_group()
+    options = Options()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as exc:
+        sys.stderr.write(f"autogpt-ws worker: {exc}\n{options}")
+        return 2
+    settings = options.settings
+    assert settings is not None
+    settings = settings.replace(workers=1)
+    port_text = os.environ.get(ENV_PORT)
+    port = int(port_text) if port_text else None
+    if port is not None and not settings.listen:
+        settings = settings.replace(port=port)
+    logs.start(settings.log_level, settings.log_format)
+    server = build(settings, demo=bool(options["demo"]) and os.environ.get(ENV_INDEX, "0") == "0")
+    use_reuse_port(server, port if settings.listen else None)
+    return run_processes(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Where does our server spend its CPU?  py-spy on the server while the load
+client drives one scenario; prints self and inclusive time per function.
+
+    python benchmarks/profile.py burst|rate|ignored|setup [--events N] [--native]
+
+Needs py-spy (``.venv/bin/pip install py-spy``).  Same pinning as run.py.
+Collapsed stacks go to benchmarks/results/profile-<scenario>.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run  # noqa: E402
+
+
+def summarize(path: str, top: int) -> None:
+    self_t: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    with open(path) as handle:
+        for line in handle:
+            stack, _, count_text = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            count = int(count_text)
+            total += count
+            frames = stack.split(";")
+            for frame in set(frames):
+                incl[frame] += count
+            self_t[frames[-1]] += count
+    print(f"{total} samples")
+    print("\n-- self time --")
+    for frame, count in self_t.most_common(top):
+        print(f"{100 * count / total:5.1f}%  {frame}")
+    print("\n-- inclusive time --")
+    for frame, count in incl.most_common(top):
+        print(f"{100 * count / total:5.1f}%  {frame}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("scenario", choices=("burst", "rate", "ignored", "setup"))
+    p.add_argument("--events", type=int, default=5000)
+    p.add_argument("--conns", type=int, default=1000)
+    p.add_argument("--native", action="store_true")
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument("--ours-arg", action="append", default=[])
+    args = p.parse_args()
+    spy = shutil.which("py-spy") or os.path.join(run.ROOT, ".venv", "bin", "py-spy")
+    os.makedirs(run.RESULTS, exist_ok=True)
+    logdir = os.path.join(run.RESULTS, "logs-profile")
+    os.makedirs(logdir, exist_ok=True)
+    run.raise_nofile()
+    redis = run.Redis(logdir)
+    server = run.ours(run.free_port(), redis, logdir, args.ours_arg)
+    client = run.Client(server, redis)
+    out_path = os.path.join(run.RESULTS, f"profile-{args.scenario}.txt")
+    try:
+        if args.scenario != "setup":
+            client.run(cmd="open", n=args.conns, channels=10, conc=200)
+            client.run(cmd="burst", events=200, channels=10)  # warm-up
+            server.settle()
+        spy_cmd = [spy, "record", "--pid", str(server.pid), "--rate", "500", "--format", "raw", "-o", out_path, "--nonblocking"]
+        if args.native:
+            spy_cmd.append("--native")
+        recorder = subprocess.Popen(run.pinned(run.CLIENT_CORE, spy_cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        if args.scenario == "burst":
+            out = client.run(cmd="burst", events=args.events, channels=10)
+        elif args.scenario == "rate":
+            out = client.run(cmd="burst", events=args.events, channels=10, rate=200)
+        elif args.scenario == "ignored":
+            out = client.run(cmd="ignore", events=args.events)
+        else:
+            out = client.run(cmd="open", n=args.conns, channels=10, conc=100)
+        print({k: out.get(k) for k in ("msgs_per_s", "p50_ms", "p99_ms", "server_cpu_s", "server_wall_s", "acked", "handled_s")})
+        recorder.send_signal(2)
+        recorder.wait(30)
+    finally:
+        client.close()
+        server.stop()
+        redis.stop()
+    summarize(out_path, args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The test command of autogpt-ws (README, CI): bash tests/run.sh
+#
+# Installs what the tests need, then runs every trial test on two workers:
+#   - .venv (python3 -m venv) with the package installed editable, extras [test];
+#     editable_mode=compat puts the checkout on sys.path, so twistd finds the
+#     twisted/plugins/autogpt_ws_plugin.py of the checkout;
+#   - redis-server (apt-get) when it is not on PATH: the Redis bus tests
+#     start their own on a free port.
+# Prints trial's output (also kept in test-run.log), then one last line
+# "N passed, M failed" (skips and expected failures are neither; errors
+# count as failed), and exits with trial's status.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+LOG=${TEST_LOG:-test-run.log}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating $VENV"
+    python3 -m venv "$VENV" || exit 1
+fi
+
+# reinstall only when the packaging changed (or nothing is installed yet)
+stamp="$VENV/.autogpt-ws-installed"
+want=$(cat setup.cfg setup.py | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c "import autogpt_ws, hypothesis" 2>/dev/null; then
+    echo "installing autogpt-ws[test] into $VENV"
+    "$VENV/bin/python" -m pip install -qq -e '.[test]' --config-settings editable_mode=compat || exit 1
+    echo "$want" > "$stamp"
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "installing redis-server"
+    SUDO=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null; }; then
+        echo "warning: could not install redis-server; the Redis tests will be skipped"
+    fi
+fi
+
+"$VENV/bin/python" -m twisted.trial -j2 tests 2>&1 | tee "$LOG"
+status=${PIPESTATUS[0]}
+
+# trial's summary: PASSED (successes=N) or FAILED (failures=a, errors=b, successes=c, ...)
+summary=$(grep -E '^(PASSED|FAILED) \(' "$LOG" | tail -1)
+count() { echo "$summary" | grep -oE "\b$1=[0-9]+" | head -1 | cut -d= -f2; }
+passed=$(count successes); failures=$(count failures); errors=$(count errors)
+passed=${passed:-0}
+failed=$(( ${failures:-0} + ${errors:-0} ))
+if [ -z "$summary" ] && [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
+    failed=1  # trial died before its summary
+fi
+echo "$passed passed, $failed failed"
+exit "$status"

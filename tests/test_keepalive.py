@@ -1,0 +1,120 @@
+"""Keepalive and token lifetime (issue 5, points 3 and 4): protocol pings
+on an interval, a socket that does not answer is dropped, the application
+heartbeat works alongside; a socket whose token carries ``exp`` is closed
+4003 ``Token expired`` at exp + grace, unless switched off."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from autogpt_ws.service import WebsocketServer
+from tests.helpers import SECRET, RawClient, raw_connect, sleep, start_server, token, wait_for
+
+HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'
+PONG = b'{"method":"heartbeat","data":"pong","success":true}'
+
+
+class Keepalive(TestCase):
+    @inlineCallbacks
+    def test_socket_not_answering_pings_is_dropped(self) -> None:
+        server = start_server(self, ping_interval=0.2, ping_timeout=0.2)
+        client: RawClient = yield raw_connect(server.port, answer_pings=False, test=self)
+        yield client.lost
+        self.assertGreaterEqual(client.pings, 1)
+        self.assertEqual(server.stats.sockets_closed["1006"], 1)  # dropped: no closing handshake
+        self.assertEqual(server.stats.open_sockets, 0)
+
+    @inlineCallbacks
+    def test_answering_socket_stays_and_heartbeat_works_alongside(self) -> None:
+        server = start_server(self, ping_interval=0.2, ping_timeout=0.2)
+        client: RawClient = yield raw_connect(server.port, test=self)
+        silent: RawClient = yield raw_connect(server.port, answer_pings=False, test=self)
+        replies = []
+        while client.pings < 5:
+            replies.append((yield client.request(HEARTBEAT)))
+            yield sleep(0.05)
+        self.assertEqual(set(replies), {PONG})
+        yield silent.lost  # the control, on the same server, was dropped meanwhile
+        self.assertFalse(client.lost.called)
+        self.assertIsNone(client.close_code)
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+
+    @inlineCallbacks
+    def test_no_pings_when_interval_is_zero(self) -> None:
+        server = start_server(self, ping_interval=0, ping_timeout=0.2)
+        client: RawClient = yield raw_connect(server.port, answer_pings=False, test=self)
+        yield sleep(1.0)
+        self.assertEqual(client.pings, 0)
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+
+
+AUTH = {"enable_auth": True, "jwt_verify_key": SECRET}
+
+
+class TokenLifetime(TestCase):
+    """exp is checked on the factory's clock: a task.Clock set to the wall
+    time lets a test step over the deadline exactly."""
+
+    def server(self, **overrides: Any) -> tuple[WebsocketServer, Clock]:
+        server = start_server(self, **AUTH, **overrides)
+        clock = Clock()
+        clock.advance(time.time())
+        server.factory.clock = clock
+        return server, clock
+
+    @inlineCallbacks
+    def open_until(self, client: RawClient, clock: Clock, at: float) -> Any:
+        clock.advance(at - clock.seconds())
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+        self.assertIsNone(client.close_code)
+
+    @inlineCallbacks
+    def test_closed_4003_at_exp(self) -> None:
+        server, clock = self.server()
+        exp = int(time.time()) + 60
+        client = yield raw_connect(server.port, path=f"/ws?token={token(exp=exp)}", test=self)
+        yield self.open_until(client, clock, exp - 0.01)
+        clock.advance(0.01)
+        yield client.lost
+        self.assertEqual((client.close_code, client.close_reason), (4003, "Token expired"))
+        self.assertEqual(server.stats.sockets_closed["4003"], 1)
+
+    @inlineCallbacks
+    def test_grace(self) -> None:
+        server, clock = self.server(token_expiry_grace=30)
+        exp = int(time.time()) + 60
+        client = yield raw_connect(server.port, path=f"/ws?token={token(exp=exp)}", test=self)
+        yield self.open_until(client, clock, exp + 29.9)
+        clock.advance(0.1)
+        yield client.lost
+        self.assertEqual((client.close_code, client.close_reason), (4003, "Token expired"))
+
+    @inlineCallbacks
+    def test_off_switch(self) -> None:
+        server, clock = self.server(token_expiry_close=False)
+        exp = int(time.time()) + 60
+        client = yield raw_connect(server.port, path=f"/ws?token={token(exp=exp)}", test=self)
+        yield self.open_until(client, clock, exp + 3600)
+
+    @inlineCallbacks
+    def test_token_without_exp_never_expires(self) -> None:
+        server, clock = self.server()
+        client = yield raw_connect(server.port, path=f"/ws?token={token(exp=None)}", test=self)
+        yield self.open_until(client, clock, clock.seconds() + 10 * 365 * 86400)
+
+    @inlineCallbacks
+    def test_real_clock(self) -> None:
+        """A short-lived token on the real reactor: the socket is closed
+        by itself, once exp has passed."""
+        server = start_server(self, **AUTH)
+        exp = int(time.time()) + 2
+        client = yield raw_connect(server.port, path=f"/ws?token={token(exp=exp)}", test=self)
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+        yield wait_for(lambda: client.lost.called, timeout=10)
+        self.assertGreaterEqual(time.time(), exp)
+        self.assertEqual((client.close_code, client.close_reason), (4003, "Token expired"))

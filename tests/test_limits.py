@@ -1,0 +1,288 @@
+"""Limits (issue 5, points 2 and 5): total and per-user connections,
+subscriptions per socket, the inbound rate, the open-handshake timeout, the
+inbound frame size, and the Origin policy of the upgrade.  Real loopback
+sockets throughout; the rate limit runs on an injected clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from autogpt_ws.limits import TokenBucket
+from tests.helpers import (
+    SECRET, U, HandshakeRefused, RawClient, raw_connect, server_side, sleep, start_server, token,
+)
+
+HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'
+PONG = b'{"method":"heartbeat","data":"pong","success":true}'
+LIMIT_REACHED = b'{"method":"error","data":null,"success":false,"channel":null,"error":"Subscription limit reached"}'
+RATE_LIMITED = b'{"method":"error","data":null,"success":false,"channel":null,"error":"Rate limit exceeded"}'
+
+
+def subscribe(exec_id: str) -> str:
+    return '{"method":"subscribe_graph_execution","data":{"graph_exec_id":"%s"}}' % exec_id
+
+
+def subscribed(exec_id: str, user: str = U) -> bytes:
+    return ('{"method":"subscribe_graph_execution","data":null,"success":true,'
+            '"channel":"%s|graph_exec#%s","error":null}' % (user, exec_id)).encode()
+
+
+class Idle(Protocol):
+    """A TCP client that writes ``data`` (maybe nothing) and waits."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = data
+        self.lost: Deferred[None] = Deferred()
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        if self.data:
+            self.transport.write(self.data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.lost.callback(None)
+
+
+def idle_connect(test: TestCase, port: int, data: bytes = b"") -> Idle:
+    proto = Idle(data)
+
+    class Once(ClientFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            return proto
+
+    reactor.connectTCP("127.0.0.1", port, Once())
+
+    def drop() -> Deferred[None]:
+        if not proto.lost.called and proto.transport is not None:
+            proto.transport.abortConnection()
+        return proto.lost
+
+    test.addCleanup(drop)
+    return proto
+
+
+class Connections(TestCase):
+    @inlineCallbacks
+    def test_total_limit_refuses_upgrade_with_503(self) -> None:
+        server = start_server(self, max_connections=2)
+        first = yield raw_connect(server.port, test=self)
+        yield raw_connect(server.port, test=self)
+        failure = yield self.assertFailure(raw_connect(server.port, test=self), HandshakeRefused)
+        self.assertEqual(failure.status, 503)
+        self.assertEqual(server.stats.handshakes_refused["capacity"], 1)
+        # a freed place can be taken again
+        first.send(b"\x03\xe8", opcode=0x8)
+        yield first.lost
+        again = yield raw_connect(server.port, test=self)
+        reply = yield again.request(HEARTBEAT)
+        self.assertEqual(reply, PONG)
+
+    @inlineCallbacks
+    def test_per_user_limit_closes_1008(self) -> None:
+        server = start_server(self, enable_auth=True, jwt_verify_key=SECRET, max_connections_per_user=2)
+        path = f"/ws?token={token(sub='user-1')}"
+        first = yield raw_connect(server.port, path=path, test=self)
+        yield raw_connect(server.port, path=path, test=self)
+        third = yield raw_connect(server.port, path=path, test=self)
+        yield third.lost
+        self.assertEqual((third.close_code, third.close_reason), (1008, "too many connections"))
+        self.assertEqual(third.messages, [])
+        self.assertEqual(server.stats.handshakes_refused["per_user"], 1)
+        # another user is not affected
+        other = yield raw_connect(server.port, path=f"/ws?token={token(sub='user-2')}", test=self)
+        self.assertEqual((yield other.request(HEARTBEAT)), PONG)
+        # and a closed socket frees its place
+        first.send(b"\x03\xe8", opcode=0x8)
+        yield first.lost
+        fourth = yield raw_connect(server.port, path=path, test=self)
+        self.assertEqual((yield fourth.request(HEARTBEAT)), PONG)
+        self.assertIsNone(fourth.close_code)
+
+
+class Subscriptions(TestCase):
+    @inlineCallbacks
+    def test_limit_replies_error_and_socket_stays_usable(self) -> None:
+        server = start_server(self, max_subscriptions_per_socket=3)
+        client = yield raw_connect(server.port, test=self)
+        for exec_id in ("e1", "e2", "e3"):
+            self.assertEqual((yield client.request(subscribe(exec_id))), subscribed(exec_id))
+        self.assertEqual((yield client.request(subscribe("e4"))), LIMIT_REACHED)
+        graph = '{"method":"subscribe_graph_executions","data":{"graph_id":"g1"}}'
+        self.assertEqual((yield client.request(graph)), LIMIT_REACHED)
+        # a key already held is not refused (the frontend re-sends its subscribes)
+        self.assertEqual((yield client.request(subscribe("e2"))), subscribed("e2"))
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+        # unsubscribing makes room
+        yield client.request('{"method":"unsubscribe","data":{"graph_exec_id":"e1"}}')
+        self.assertEqual((yield client.request(subscribe("e4"))), subscribed("e4"))
+        self.assertEqual(server_side(server, client).keys, {f"{U}|graph_exec#{e}" for e in ("e2", "e3", "e4")})
+        self.assertIsNone(client.close_code)
+
+
+class TokenBucketUnit(TestCase):
+    def test_burst_then_rate(self) -> None:
+        bucket = TokenBucket(rate=2.0, burst=3, now=100.0)
+        self.assertEqual([bucket.take(100.0) for _ in range(4)], [True, True, True, False])
+        self.assertEqual(bucket.refused, 1)
+        self.assertFalse(bucket.take(100.4))  # 0.8 of a token
+        self.assertTrue(bucket.take(100.5))  # refilled to 1
+        self.assertEqual(bucket.refused, 0)
+        self.assertTrue(all(bucket.take(200.0) for _ in range(3)))  # refills to the burst, no more
+        self.assertFalse(bucket.take(200.0))
+
+    def test_clock_going_back_does_not_refill(self) -> None:
+        bucket = TokenBucket(rate=10.0, burst=1, now=50.0)
+        self.assertTrue(bucket.take(50.0))
+        self.assertFalse(bucket.take(40.0))
+        self.assertFalse(bucket.take(50.05))
+        self.assertTrue(bucket.take(50.1))
+
+
+class RateLimit(TestCase):
+    @inlineCallbacks
+    def test_beyond_burst_error_then_sustained_abuse_closes_1008(self) -> None:
+        server = start_server(self, rate_limit=2.0, rate_burst=3, rate_abuse_close=4)
+        clock = Clock()
+        server.factory.clock = clock  # the limiter reads the factory's clock
+        client = yield raw_connect(server.port, test=self)
+        for _ in range(3):
+            self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+        self.assertEqual((yield client.request(HEARTBEAT)), RATE_LIMITED)
+        clock.advance(0.5)  # one token back
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+        for _ in range(3):
+            self.assertEqual((yield client.request(HEARTBEAT)), RATE_LIMITED)
+        self.assertIsNone(client.close_code)
+        client.send(HEARTBEAT)  # the 4th refusal in a row
+        yield client.lost
+        self.assertEqual((client.close_code, client.close_reason), (1008, "rate limit exceeded"))
+        self.assertEqual(server.stats.rate_limited, 5)
+        self.assertEqual(server.stats.sockets_closed["1008"], 1)
+
+    @inlineCallbacks
+    def test_refused_frames_are_not_handled(self) -> None:
+        server = start_server(self, rate_limit=1.0, rate_burst=1, rate_abuse_close=10)
+        server.factory.clock = Clock()
+        client = yield raw_connect(server.port, test=self)
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+        self.assertEqual((yield client.request(subscribe("e1"))), RATE_LIMITED)
+        self.assertEqual(server_side(server, client).keys, set())
+
+    @inlineCallbacks
+    def test_zero_rate_is_no_limit(self) -> None:
+        server = start_server(self, rate_limit=0, rate_burst=1, rate_abuse_close=1)
+        client = yield raw_connect(server.port, test=self)
+        for _ in range(150):
+            client.send(HEARTBEAT)
+        yield client.message(149)
+        self.assertEqual(set(client.messages), {PONG})
+        self.assertEqual(server.stats.rate_limited, 0)
+
+
+class OpenHandshakeTimeout(TestCase):
+    @inlineCallbacks
+    def test_silent_client_is_disconnected(self) -> None:
+        server = start_server(self, open_handshake_timeout=0.3)
+        idle = idle_connect(self, server.port)
+        yield idle.lost
+        self.assertEqual(idle.received, b"")
+
+    @inlineCallbacks
+    def test_half_request_is_disconnected(self) -> None:
+        server = start_server(self, open_handshake_timeout=0.3)
+        idle = idle_connect(self, server.port, b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
+        yield idle.lost
+
+    @inlineCallbacks
+    def test_no_timeout_when_off(self) -> None:
+        server = start_server(self, open_handshake_timeout=0)
+        idle = idle_connect(self, server.port)
+        yield sleep(1.0)
+        self.assertFalse(idle.lost.called)
+
+    @inlineCallbacks
+    def test_open_socket_outlives_the_handshake_timeout(self) -> None:
+        server = start_server(self, open_handshake_timeout=0.3)
+        client = yield raw_connect(server.port, test=self)
+        yield sleep(1.0)
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+        self.assertFalse(client.lost.called)
+
+
+class FrameSize(TestCase):
+    @inlineCallbacks
+    def test_frame_at_limit_is_handled_and_over_it_closes_1009(self) -> None:
+        server = start_server(self, max_inbound_frame=1024)
+        client = yield raw_connect(server.port, test=self)
+        at_limit = HEARTBEAT[:-1] + " " * (1024 - len(HEARTBEAT)) + "}"
+        self.assertEqual(len(at_limit), 1024)
+        self.assertEqual((yield client.request(at_limit)), PONG)
+        client.send(HEARTBEAT[:-1] + " " * (1025 - len(HEARTBEAT)) + "}")
+        yield client.lost
+        self.assertEqual(client.close_code, 1009)
+        self.assertEqual(len(client.messages), 1)
+
+    @inlineCallbacks
+    def test_fragmented_message_over_limit_closes_1009(self) -> None:
+        server = start_server(self, max_inbound_frame=1024)
+        client = yield raw_connect(server.port, test=self)
+        client.send(b"[" + b" " * 599, fin=False)
+        client.send(b" " * 599 + b"]", opcode=0x0)
+        yield client.lost
+        self.assertEqual(client.close_code, 1009)
+        self.assertEqual(client.messages, [])
+
+
+class Origins(TestCase):
+    ALLOWED = ("https://app.example.com", r"regex:https://[a-z0-9-]+\.preview\.example\.com")
+
+    @inlineCallbacks
+    def status(self, port: int, origin: str | None) -> Any:
+        headers = {"Origin": origin} if origin is not None else {}
+        try:
+            client = yield raw_connect(port, headers=headers, test=self)
+        except HandshakeRefused as exc:
+            return exc.status
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+        return client.status
+
+    @inlineCallbacks
+    def test_allow_list_exact_and_regex(self) -> None:
+        server = start_server(self, ws_allowed_origins=self.ALLOWED)
+        self.assertEqual((yield self.status(server.port, "https://app.example.com")), 101)
+        self.assertEqual((yield self.status(server.port, "https://pr-42.preview.example.com")), 101)
+        for refused in ("https://evil.example.net", "http://app.example.com", "https://app.example.com.evil.net",
+                        "https://pr-42.preview.example.com.evil.net", "null"):
+            self.assertEqual((yield self.status(server.port, refused)), 403, refused)
+        self.assertEqual(server.stats.handshakes_refused["origin"], 5)
+        self.assertEqual((yield self.status(server.port, None)), 101)  # allowed by default
+
+    @inlineCallbacks
+    def test_missing_origin_refused_when_configured(self) -> None:
+        server = start_server(self, ws_allowed_origins=self.ALLOWED, ws_allow_missing_origin=False)
+        self.assertEqual((yield self.status(server.port, None)), 403)
+        self.assertEqual(server.stats.handshakes_refused["origin_missing"], 1)
+        self.assertEqual((yield self.status(server.port, "https://app.example.com")), 101)
+
+    @inlineCallbacks
+    def test_no_allow_list_accepts_any_origin(self) -> None:
+        server = start_server(self, ws_allow_missing_origin=False)
+        self.assertEqual((yield self.status(server.port, "https://anything.example.org")), 101)
+        self.assertEqual((yield self.status(server.port, "null")), 101)
+        self.assertEqual((yield self.status(server.port, None)), 101)
+
+    @inlineCallbacks
+    def test_null_origin_allowed_when_listed(self) -> None:
+        server = start_server(self, ws_allowed_origins=("null",))
+        self.assertEqual((yield self.status(server.port, "null")), 101)
+        self.assertEqual((yield self.status(server.port, "https://app.example.com")), 403)
