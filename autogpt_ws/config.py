@@ -165,6 +165,9 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
            minimum=0, maximum=65535),
         _f("listen", "str", "", "AUTOGPT_WS_LISTEN",
            "Twisted endpoint string (tcp:8001, ssl:8443:privateKey=k.pem:certKey=c.pem); overrides host and port"),
+        _f("listen_backlog", "int", 4096, "AUTOGPT_WS_LISTEN_BACKLOG",
+           "pending-connection queue of the listening socket (reconnect storms); capped by net.core.somaxconn",
+           minimum=1),
         _f("workers", "int", 1, "AUTOGPT_WS_WORKERS",
            "server processes sharing the port (SO_REUSEPORT); 1 runs in-process", minimum=1),
         _f("app_env", "str", "local", "APP_ENV", "deployment name; prod refuses localhost CORS origins"),
@@ -278,6 +281,7 @@ class Settings:
     host: str
     port: int
     listen: str
+    listen_backlog: int
     workers: int
     app_env: str
     log_level: str
@@ -342,7 +346,7 @@ class Settings:
         if self.listen:
             return self.listen
         host = self.host.replace(":", "\\:")
-        return f"tcp:{self.port}:interface={host}"
+        return f"tcp:{self.port}:interface={host}:backlog={self.listen_backlog}"
 
     @property
     def auth_mode(self) -> str:

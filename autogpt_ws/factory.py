@@ -68,7 +68,7 @@ def accept_deflate(offers: Sequence[Any]) -> PerMessageDeflateOfferAccept | None
 class Admission:
     """Checks made before authentication: capacity and the Origin policy."""
 
-    def __init__(self, settings: Settings, open_count: Any) -> None:
+    def __init__(self, settings: Settings, open_count: Callable[[], int]) -> None:
         self._max = settings.max_connections
         self._open_count = open_count
         self._origins = OriginList(settings.ws_allowed_origins)

@@ -98,7 +98,11 @@ class LineObserver:
 
 def make_observer(level: str = "info", fmt: str = "text", stream: IO[str] | None = None) -> ILogObserver:
     txaio.use_twisted()
-    txaio.set_global_log_level(_LEVELS.get(level, "info"))
+    # Autobahn logs per connection (every client that misbehaves, every
+    # socket dropped at shutdown) and, at debug, raw upgrade requests with
+    # their tokens: keep it to errors, or info when we debug. Our own lines
+    # cover the events an operator cares about.
+    txaio.set_global_log_level("info" if level == "debug" else "error")
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     return FilteringLogObserver(LineObserver(stream or sys.stdout, fmt), [predicate])
 

@@ -13,8 +13,8 @@ transport tells it (``pauseProducing``) when more than its buffer size
 output measured; a frame (push or reply) due while it exceeds
 ``max_send_buffer`` closes the socket 1013 ``slow consumer`` and aborts it
 instead of being written.  So one socket holds at most ``max_send_buffer``
-plus one frame, a single frame larger than the bound still reaches a client
-that reads, and the other sockets never wait for a slow one.
+plus one frame (a frame larger than the bound is written when the buffer is
+under it), and the other sockets never wait for a slow one.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class ServerProtocol(WebSocketServerProtocol):
             factory.hub.detach(self)
             stats = factory.stats
             stats.open_sockets -= 1
-            code = self.remoteCloseCode or self.localCloseCode
+            # the code of whoever started the close (1006: no closing handshake)
+            code = self.localCloseCode if self.closedByMe else self.remoteCloseCode
             stats.sockets_closed[str(code) if code else "1006"] += 1
         self._inbox = None
         factory.socket_closed(self)

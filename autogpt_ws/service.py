@@ -66,7 +66,10 @@ class WebsocketServer(MultiService):
         self.stats = Stats()
         self.hub = Hub()
         self.layout = Layout(settings.execution_event_bus_name, settings.notification_event_bus_name)
-        self.catchup = LatestEvents(settings, reactor, self.stats) if settings.catchup_enabled else None
+        # catch-up needs every graph event; the sharded bus only brings those
+        # of channels subscribed here, so it keeps none there
+        keeps_all = settings.event_bus in ("memory", "redis")
+        self.catchup = LatestEvents(settings, reactor, self.stats) if settings.catchup_enabled and keeps_all else None
         self.metrics = Metrics(self.stats, lambda: self.hub.frames_out, self._bus_up,
                                (lambda: self.catchup.bytes if self.catchup else 0))
         self.router = Router(self.hub, self.stats, self.layout, self.metrics.fanout_latency.observe,

@@ -114,6 +114,7 @@ class Session:
             frames = self.catchup.for_graph(user_id, ident, key)
         for frame in frames:
             self.sink.push(frame)
+        self.hub.frames_out += len(frames)
 
     def _unsubscribe(self, field: str, ident: str) -> None:
         user_id = self.sink.user_id

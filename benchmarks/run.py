@@ -206,7 +206,9 @@ class Server:
         self.log.close()
 
 
-def ours(port: int, redis: Redis, logdir: str, extra: list[str]) -> Server:
+def ours(port: int, redis: Redis, logdir: str, extra: list[str], patches: str = "") -> Server:
+    """Our server (ws.py); with ``patches``, benchmarks/experiments.py with
+    those monkeypatches applied (named "patched")."""
     env = dict(os.environ)
     env.update({
         "ENABLE_AUTH": "false", "EVENT_BUS": "redis", "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis.port),
@@ -219,8 +221,14 @@ def ours(port: int, redis: Redis, logdir: str, extra: list[str]) -> Server:
     python = os.path.join(ROOT, ".venv", "bin", "python")
     if not os.path.exists(python):
         python = sys.executable
-    argv = [python, os.path.join(ROOT, "ws.py"), "--host", "127.0.0.1", "--port", str(port), *extra]
-    return Server("ours", argv, env, port, redis, logdir)
+    script = os.path.join(HERE, "experiments.py") if patches else os.path.join(ROOT, "ws.py")
+    names = [p for p in patches.split(",") if p]
+    env["BENCH_PATCHES"] = ",".join(p for p in names if p != "backlog")
+    # "backlog": listen(2) backlog 1024 instead of Twisted's default of 50
+    where = (["--listen", f"tcp:{port}:interface=127.0.0.1:backlog=1024"] if "backlog" in names
+             else ["--host", "127.0.0.1", "--port", str(port)])
+    argv = [python, script, *where, *extra]
+    return Server("patched" if patches else "ours", argv, env, port, redis, logdir)
 
 
 def peer(port: int, redis: Redis, logdir: str) -> Server:
@@ -249,6 +257,7 @@ class Client:
 
     def __init__(self, server: Server, redis: Redis) -> None:
         self.server = server
+        self.redis = redis
         self.proc = subprocess.Popen(pinned(CLIENT_CORE, ["node", CLIENT, "--port", str(server.port),
                                                           "--redis", str(redis.port)]),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -267,11 +276,12 @@ class Client:
         seconds, wall seconds and RSS change over it."""
         assert self.proc.stdin is not None
         pid = self.server.pid
-        t0, c0 = time.monotonic(), cpu_ticks(pid)
+        t0, c0, r0 = time.monotonic(), cpu_ticks(pid), cpu_ticks(self.redis.proc.pid)
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         out = self._read()
         out["server_cpu_s"] = (cpu_ticks(pid) - c0) / HZ
+        out["redis_cpu_s"] = (cpu_ticks(self.redis.proc.pid) - r0) / HZ
         out["server_wall_s"] = time.monotonic() - t0
         if "error" in out:
             raise RuntimeError(f"client: {out['error']}")
@@ -289,9 +299,10 @@ class Client:
 
 
 def util(out: dict[str, Any]) -> tuple[float, float]:
-    """(server CPU %, client CPU %) over a step."""
+    """(server core busy %, client core busy %) over a step; the client
+    core runs the load client and Redis."""
     wall = max(out["server_wall_s"], 1e-9)
-    return 100 * out["server_cpu_s"] / wall, 100 * out["cpu_ms"] / 1000 / max(out["wall_ms"] / 1000, 1e-9)
+    return 100 * out["server_cpu_s"] / wall, 100 * (out["cpu_ms"] / 1000 + out["redis_cpu_s"]) / wall
 
 
 def fanout(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
@@ -299,6 +310,7 @@ def fanout(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
     latency on the same sockets."""
     res: dict[str, list[float]] = {k: [] for k in (
         "burst_msgs_per_s", "burst_deliveries_per_cpu_s", "burst_server_cpu_pct", "burst_client_cpu_pct",
+        "burst_client_capacity",
         "rate_p50_ms", "rate_p99_ms", "rate_achieved", "rate_server_cpu_pct", "rate_client_cpu_pct")}
     opened = c.run(cmd="open", n=s.conns, channels=s.channels, conc=200)
     log(f"  opened {opened['acked']}/{s.conns} sockets in {opened['secs']}s")
@@ -315,6 +327,9 @@ def fanout(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
             res["burst_deliveries_per_cpu_s"].append(out["received"] / max(out["server_cpu_s"], 1 / HZ))
             res["burst_server_cpu_pct"].append(scpu)
             res["burst_client_cpu_pct"].append(ccpu)
+            # what the client core could absorb if it did nothing else: its
+            # own and Redis's CPU per delivery, publishing included
+            res["burst_client_capacity"].append(out["received"] / max(out["cpu_ms"] / 1000 + out["redis_cpu_s"], 1e-3))
         c.server.settle()
     rate = s.rate_deliveries / (s.conns / s.channels)  # events/s
     for i in range(s.runs + 1):
@@ -425,14 +440,18 @@ ROWS = [
     ("burst_msgs_per_s", "fan-out burst, delivered msgs/s", "msg/s", "high", "{:,.0f}"),
     ("burst_deliveries_per_cpu_s", "fan-out burst, deliveries per server CPU-s", "msg/cpu-s", "high", "{:,.0f}"),
     ("burst_server_cpu_pct", "  server core busy during burst", "%", "", "{:.0f}"),
-    ("burst_client_cpu_pct", "  client core busy during burst", "%", "", "{:.0f}"),
+    ("burst_client_cpu_pct", "  client core busy during burst (client+redis)", "%", "", "{:.0f}"),
+    ("burst_client_capacity", "  client core capacity (deliveries per client+redis CPU-s)", "msg/cpu-s", "", "{:,.0f}"),
     ("rate_p50_ms", "steady 20k deliveries/s: p50 publish->delivery", "ms", "low", "{:.2f}"),
     ("rate_p99_ms", "steady 20k deliveries/s: p99 publish->delivery", "ms", "low", "{:.2f}"),
     ("rate_server_cpu_pct", "  server core busy at 20k/s", "%", "low", "{:.0f}"),
+    ("rate_client_cpu_pct", "  client core busy at 20k/s", "%", "", "{:.0f}"),
     ("idle_kb_per_socket", "memory per idle subscribed socket", "KiB", "low", "{:.1f}"),
     ("ignored_us_per_event", "CPU per ignored event", "us", "low", "{:.2f}"),
+    ("ignored_client_cpu_pct", "  client core busy while publishing them", "%", "", "{:.0f}"),
     ("setup_per_cpu_s", "connection setup (handshake+subscribe) per server CPU-s", "conn/cpu-s", "high", "{:,.0f}"),
     ("setup_per_s", "  connection setup rate, wall clock", "conn/s", "high", "{:,.0f}"),
+    ("setup_client_cpu_pct", "  client core busy during setup", "%", "", "{:.0f}"),
     ("storm_all_back_s", "reconnect storm: all back and subscribed after", "s", "low", "{:.2f}"),
 ]
 
@@ -444,7 +463,8 @@ def median(values: list[float]) -> float | None:
 
 def table(results: dict[str, dict[str, list[float]]], sizes: Sizes) -> str:
     names = list(results)
-    head = ["metric", "unit"] + names + (["ours/peer"] if "peer" in results and "ours" in results else [])
+    mine = [n for n in names if n != "peer"] if "peer" in results else []
+    head = ["metric", "unit"] + names + [f"{n}/peer" for n in mine]
     lines = []
     for key, label, unit, better, fmt in ROWS:
         if not any(key in results[n] for n in names):
@@ -455,8 +475,8 @@ def table(results: dict[str, dict[str, list[float]]], sizes: Sizes) -> str:
             m = median(results[n].get(key, []))
             meds[n] = m
             row.append(fmt.format(m) if m is not None else "-")
-        if len(head) > len(row):
-            a, b = meds.get("ours"), meds.get("peer")
+        for n in mine:
+            a, b = meds.get(n), meds.get("peer")
             row.append(f"{a / b:.2f}x" if a is not None and b else "-")
         lines.append(row)
     widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
@@ -481,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
     p.add_argument("--ours-arg", action="append", default=[], help="extra argument for our server (repeatable), "
                                                                       "e.g. --ours-arg=--set --ours-arg=catchup_enabled=false")
-    p.add_argument("--no-ours", action="store_true", help="peer only")
+    p.add_argument("--no-ours", action="store_true", help="skip our server as it is")
+    p.add_argument("--patched", default="", help="also run our server with these experiments.py patches "
+                                                 "(comma-separated: pformat,ignore,coalesce,backlog)")
     for f in Sizes.__dataclass_fields__:
         if f != "runs":
             p.add_argument("--" + f.replace("_", "-"), type=type(getattr(Sizes(), f)), help=f"(default {getattr(Sizes(), f)})")
@@ -523,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     makers = {}
     if not args.no_ours:
         makers["ours"] = lambda: ours(free_port(), redis, logdir, args.ours_arg)
+    if args.patched:
+        makers["patched"] = lambda: ours(free_port(), redis, logdir, args.ours_arg, args.patched)
     if args.peer:
         makers["peer"] = lambda: peer(free_port(), redis, logdir)
     try:

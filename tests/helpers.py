@@ -229,6 +229,9 @@ PYTHON = os.environ.get("AUTOGPT_WS_TEST_PYTHON") or __import__("sys").executabl
 
 # -- raw WebSocket clients (no Autobahn: cheap, and free to misbehave) --------
 
+import base64 as _b64  # noqa: E402
+import struct as _struct  # noqa: E402
+
 from twisted.internet.protocol import ClientFactory as _ClientFactory, Protocol as _Protocol  # noqa: E402
 
 
@@ -243,8 +246,6 @@ class HandshakeRefused(Exception):
 
 def ws_client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True, mask: bytes | None = None) -> bytes:
     """An RFC 6455 client frame (masked, as a client must)."""
-    import struct as _struct
-
     key = os.urandom(4) if mask is None else mask
     size = len(payload)
     first = (0x80 if fin else 0) | opcode
@@ -261,8 +262,7 @@ def ws_client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True, mask: b
 
 
 def raw_upgrade_request(path: str = "/ws", host: str = "127.0.0.1", headers: dict[str, str] | None = None) -> bytes:
-    import base64 as _b64
-
+    """An RFC 6455 upgrade request with a fresh key and any extra headers."""
     lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
              f"Sec-WebSocket-Key: {_b64.b64encode(os.urandom(16)).decode()}", "Sec-WebSocket-Version: 13"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -323,8 +323,6 @@ class RawClient(_Protocol):
         self._frames()
 
     def _frames(self) -> None:
-        import struct as _struct
-
         buf = self._buffer
         pos = 0
         while len(buf) - pos >= 2:
@@ -429,6 +427,9 @@ class _One(_ClientFactory):
         waiter = getattr(self.protocol_instance, "opened", None) or getattr(self.protocol_instance, "done")
         if not waiter.called:
             waiter.errback(reason)
+        lost = getattr(self.protocol_instance, "lost", None)
+        if lost is not None and not lost.called:
+            lost.callback(None)
 
 
 def _raw_factory(client: _Protocol) -> _One:

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import string
 import subprocess
@@ -43,7 +44,7 @@ from tests.helpers import connect as ws_connect
 LAYOUT = Layout()
 NAME = "autogpt-ws-cluster"  # CLIENT SETNAME of the bus's subscriber connections
 CLUSTER_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "5000", "--cluster-require-full-coverage", "no")
+                "--cluster-require-full-coverage", "no")
 ADMIN_URL = os.environ.get("AUTOGPT_WS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -70,12 +71,17 @@ def call(port: int, *args: str | bytes | int) -> Any:
 
 
 class Cluster:
-    def __init__(self) -> None:
+    """3 masters, each with ``replicas`` replicas."""
+
+    def __init__(self, replicas: int = 0, node_timeout: int = 5000) -> None:
         if shutil.which("redis-cli") is None:
             raise SkipTest("redis-cli is not installed")
+        self.replicas = replicas
         # the cluster bus port defaults to port + 10000, which may not exist
         # or be free: pick it too
-        self.nodes = [RedisServer(extra=(*CLUSTER_ARGS, "--cluster-port", str(free_port()))) for _ in range(3)]
+        self.nodes = [RedisServer(extra=(*CLUSTER_ARGS, "--cluster-node-timeout", str(node_timeout),
+                                         "--cluster-port", str(free_port())))
+                      for _ in range(3 * (1 + replicas))]
 
     @property
     def ports(self) -> list[int]:
@@ -88,18 +94,24 @@ class Cluster:
         for node in self.nodes:
             node.start()
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         self.wait_ok()
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Every node says cluster_state:ok and they agree on the owners."""
+        """Every node says cluster_state:ok, they agree on the owners, and
+        every master has its replicas in sync."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                views = [sorted((e[0], e[1], e[2][1]) for e in call(p, "CLUSTER", "SLOTS")) for p in self.ports]
+                views = [sorted((e[0], e[1], e[2][1], len(e) - 3) for e in call(p, "CLUSTER", "SLOTS"))
+                         for p in self.ports]
                 states = [b"cluster_state:ok" in call(p, "CLUSTER", "INFO") for p in self.ports]
-                if all(states) and all(v == views[0] for v in views) and sum(e[1] - e[0] + 1 for e in views[0]) == 16384:
+                replication = [call(p, "INFO", "replication") for p in self.ports]
+                synced = all(b"role:master" in r or b"master_link_status:up" in r for r in replication)
+                if (all(states) and synced and all(v == views[0] for v in views) and len({e[2] for e in views[0]}) == 3
+                        and sum(e[1] - e[0] + 1 for e in views[0]) == 16384
+                        and all(e[3] == self.replicas for e in views[0])):
                     return
             except (OSError, TypeError):
                 pass
@@ -111,16 +123,24 @@ class Cluster:
         for node in self.nodes:
             node.cleanup()
 
+    def alive(self) -> int:
+        return next(n.port for n in self.nodes if n.process is not None)
+
     def keyslot(self, channel: str) -> int:
-        return int(call(self.ports[0], "CLUSTER", "KEYSLOT", channel))
+        return int(call(self.alive(), "CLUSTER", "KEYSLOT", channel))
 
     def owner(self, channel: str) -> int:
         """Port of the master the cluster says owns ``channel``."""
         slot = self.keyslot(channel)
-        for entry in call(self.ports[0], "CLUSTER", "SLOTS"):
+        for entry in call(self.alive(), "CLUSTER", "SLOTS"):
             if entry[0] <= slot <= entry[1]:
                 return int(entry[2][1])
         raise AssertionError(f"no owner for slot {slot}")
+
+    def replica_of(self, port: int) -> int:
+        master_id = call(port, "CLUSTER", "MYID").decode()
+        line = call(port, "CLUSTER", "REPLICAS", master_id)[0].decode()
+        return int(line.split()[1].split("@")[0].rpartition(":")[2])
 
     def shard_channels(self, port: int) -> set[str]:
         return {c.decode() for c in call(port, "PUBSUB", "SHARDCHANNELS")}
@@ -161,8 +181,8 @@ def shared(name: str, make: Any) -> Any:
     return value
 
 
-def make_cluster() -> Cluster:
-    cluster = Cluster()
+def make_cluster(replicas: int = 0, node_timeout: int = 5000) -> Cluster:
+    cluster = Cluster(replicas, node_timeout)
     atexit.register(cluster.stop)
     cluster.start()
     return cluster
@@ -222,10 +242,13 @@ def make_database() -> Database:
 
 class ClusterPublisher:
     """SPUBLISH like a Redis Cluster client (redis-py's ``spublish``): to the
-    node its routing cache names, following MOVED and remembering it."""
+    master its slot map (CLUSTER SLOTS) names, following MOVED; a dead node
+    or :meth:`refresh` drops the routes.  (A stale route after a manual
+    failover would still "work": Redis 7.0 serves SPUBLISH on a replica for
+    its master's slots, to the replica's own subscribers only.)"""
 
-    def __init__(self, seed: int) -> None:
-        self.seed = ("127.0.0.1", seed)
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
         self.route: dict[str, tuple[str, int]] = {}
         self.conns: dict[tuple[str, int], RedisProtocol] = {}
         self.opened: list[RedisProtocol] = []
@@ -235,30 +258,40 @@ class ClusterPublisher:
     def _conn(self, address: tuple[str, int]) -> Any:
         conn = self.conns.get(address)
         if conn is None or not conn.connected:
-            conn = yield connect(reactor, address[0], address[1])
+            conn = yield connect(reactor, address[0], address[1], timeout=2)
             self.conns[address] = conn
             self.opened.append(conn)
         return conn
 
     def publish(self, channel: str, data: bytes) -> Deferred[int]:
-        """One at a time, in order (so one connection per node)."""
+        """One at a time, in order."""
         return self.lock.run(self._publish, channel, data)
 
     @inlineCallbacks
     def _publish(self, channel: str, data: bytes) -> Any:
-        for _ in range(5):
-            address = self.route.get(channel, self.seed)
-            conn = yield self._conn(address)
+        for _ in range(10):
+            address = self.route.get(channel)
+            if address is None:
+                address = self.route[channel] = ("127.0.0.1", self.cluster.owner(channel))
             try:
+                conn = yield self._conn(address)
                 receivers = yield conn.command("SPUBLISH", channel, data)
                 return receivers
             except RedisError as exc:
                 kind, _, rest = str(exc).partition(" ")
-                if kind != "MOVED":
+                if kind == "MOVED":
+                    host, _, port = rest.split()[1].rpartition(":")
+                    self.route[channel] = (host, int(port))
+                elif kind in ("CLUSTERDOWN", "TRYAGAIN"):
+                    yield sleep(0.2)
+                else:
                     raise
-                host, _, port = rest.split()[1].rpartition(":")
-                self.route[channel] = (host, int(port))
-        raise AssertionError(f"too many redirections for {channel}")
+            except Exception:
+                self.route.pop(channel, None)
+        raise AssertionError(f"could not publish to {channel}")
+
+    def refresh(self) -> None:
+        self.route.clear()
 
     def close(self) -> Deferred[Any]:
         waits = []
@@ -275,23 +308,29 @@ def frame(client: Client, index: int) -> Deferred[dict[str, Any]]:
 
 class ClusterTestCase(TestCase):
     timeout = 60
+    replicas = 0
+    node_timeout = 5000
 
     def setUp(self) -> None:
-        self.cluster: Cluster = shared("cluster", make_cluster)
+        self.cluster: Cluster = shared(f"cluster-{self.replicas}",
+                                       lambda: make_cluster(self.replicas, self.node_timeout))
         self.cluster.wait_ok()
-        self.publisher = ClusterPublisher(self.cluster.ports[0])
+        self.publisher = ClusterPublisher(self.cluster)
         self.addCleanup(self.publisher.close)
 
     def database(self) -> Database:
         return shared("database", make_database)
 
     @inlineCallbacks
-    def serve(self, database: Database | None = None, **overrides: Any) -> Any:
+    def serve(self, database: Database | None = None, ping: tuple[float, float] | None = None,
+              **overrides: Any) -> Any:
         values: dict[str, Any] = {"event_bus": "redis-cluster", "redis_cluster_host": "127.0.0.1",
                                   "redis_cluster_port": self.cluster.ports[0],
                                   "database_url": database.url if database else ""}
         values.update(overrides)
         server = start_server(self, **values)
+        if ping is not None:  # links are made once the slot map is read: they take these
+            server.bus.ping_interval, server.bus.ping_timeout = ping
         yield wait_for(lambda: server.bus.ready()[0], timeout=10)
         return server
 
@@ -407,6 +446,15 @@ class RoutingTests(ClusterTestCase):
 
 
 class ConnectionTests(ClusterTestCase):
+    @inlineCallbacks
+    def test_not_ready_without_a_reachable_seed(self) -> None:
+        server = start_server(self, event_bus="redis-cluster", redis_cluster_host="127.0.0.1",
+                              redis_cluster_port=free_port(), redis_cluster_nodes=(f"127.0.0.1:{free_port()}",))
+        yield wait_for(lambda: "refused" in server.bus.ready()[1], timeout=10)
+        ready, reason = server.bus.ready()
+        self.assertFalse(ready)
+        self.assertTrue(reason.startswith("no cluster slot map: "), reason)
+
     @inlineCallbacks
     def test_one_connection_per_shard_node(self) -> None:
         db = self.database()
@@ -619,7 +667,7 @@ class ResolverTests(TestCase):
         yield gatherResults([resolver.resolve("alice", uid("e")) for _ in range(4)])
         self.assertGreaterEqual(self.db.our_connections(), 1)
         resolver.stop()
-        self.assertEqual(self.db.our_connections(), 0)
+        yield wait_for(lambda: self.db.our_connections() == 0, timeout=5)  # backends exit just after
 
 
 class FaultTests(ClusterTestCase):
@@ -651,6 +699,33 @@ class FaultTests(ClusterTestCase):
         self.assertEqual(pushed["data"]["status"], "COMPLETED")
         yield self.barrier(client)
         self.assertEqual(len(client.messages), 3)
+
+    @inlineCallbacks
+    def test_hung_node_noticed_by_ping(self) -> None:
+        """A node that stops answering without closing the connection (here
+        SIGSTOP) is noticed by the keepalive PING, reconnected (each attempt
+        bounded by the connect timeout) and resubscribed once it answers."""
+        server = yield self.serve(ping=(0.3, 0.6), redis_connect_timeout=1.0)
+        graph = uid("g")
+        channel = LAYOUT.sharded_all(U, graph)
+        port = self.cluster.owner(channel)
+        process = self.cluster.node(port).process
+        assert process is not None
+        client = yield self.client(server)
+        yield self.subscribe(server, client, "graph_id", graph)
+        process.send_signal(signal.SIGSTOP)
+        self.addCleanup(process.send_signal, signal.SIGCONT)
+        yield wait_for(lambda: not server.bus.ready()[0], timeout=10)
+        self.assertIn(f"127.0.0.1:{port}", server.bus.ready()[1])
+        yield sleep(1.5)  # some reconnect attempts time out in the handshake
+        process.send_signal(signal.SIGCONT)
+        yield wait_for(lambda: server.bus.ready()[0], timeout=20)
+        yield wait_for(lambda: self.cluster.clients(port) == 1, timeout=10)  # the old connection is gone
+        self.assertIn(channel, self.cluster.shard_channels(port))
+        counts = yield self.run_event(U, graph, uid("e"))
+        self.assertEqual(counts, [0, 1])
+        pushed = yield frame(client, 1)
+        self.assertEqual(pushed["channel"], f"{U}|graph#{graph}|executions")
 
     @inlineCallbacks
     def test_slot_migration_server_sunsubscribe(self) -> None:
@@ -704,3 +779,71 @@ class FaultTests(ClusterTestCase):
         self.assertEqual(counts, [0, 1])
         pushed = yield frame(client, 1)
         self.assertEqual(pushed["channel"], f"{U}|graph#{graph}|executions")
+
+
+class FailoverTests(ClusterTestCase):
+    """3 masters with a replica each; a short node timeout so that a dead
+    master's replica is promoted within seconds."""
+
+    replicas = 1
+    node_timeout = 1000
+    timeout = 90
+
+    @inlineCallbacks
+    def subscribed_graph(self, server: WebsocketServer) -> Any:
+        graph = uid("g")
+        client = yield self.client(server)
+        yield self.subscribe(server, client, "graph_id", graph)
+        channel = LAYOUT.sharded_all(U, graph)
+        old = self.cluster.owner(channel)
+        self.assertIn(channel, self.cluster.shard_channels(old))
+        return client, graph, channel, old, self.cluster.replica_of(old)
+
+    @inlineCallbacks
+    def delivered_once(self, client: Client, graph: str, index: int) -> Any:
+        counts = yield self.run_event(U, graph, uid("e"))
+        self.assertEqual(counts, [0, 1])
+        pushed = yield frame(client, index)
+        self.assertEqual(pushed["channel"], f"{U}|graph#{graph}|executions")
+        yield self.barrier(client)
+        self.assertEqual(len(client.messages), index + 1)
+
+    def held_by_masters_only(self, server: WebsocketServer, channel: str, owner: int) -> None:
+        masters = {int(e[2][1]) for e in call(owner, "CLUSTER", "SLOTS")}
+        self.assertEqual({a[1] for a in server.bus.links}, masters)
+        for port in self.cluster.ports:
+            self.assertEqual(self.cluster.clients(port), 1 if port in masters else 0, port)
+            self.assertEqual(channel in self.cluster.shard_channels(port), port == owner, port)
+
+    @inlineCallbacks
+    def test_manual_failover(self) -> None:
+        """CLUSTER FAILOVER: the old master pushes sunsubscribe as it becomes
+        a replica; the channel moves to the promoted replica and the old
+        master's link is closed."""
+        server = yield self.serve()
+        client, graph, channel, old, new = yield self.subscribed_graph(server)
+        yield self.delivered_once(client, graph, 1)
+        call(new, "CLUSTER", "FAILOVER")
+        yield wait_for(lambda: self.cluster.owner(channel) == new and server.bus.ready()[0]
+                       and channel in self.cluster.shard_channels(new), timeout=20)
+        yield wait_for(lambda: self.cluster.clients(old) == 0, timeout=10)
+        self.held_by_masters_only(server, channel, new)
+        self.publisher.refresh()
+        yield self.delivered_once(client, graph, 2)
+        self.cluster.wait_ok()
+
+    @inlineCallbacks
+    def test_master_killed_replica_promoted(self) -> None:
+        server = yield self.serve()
+        client, graph, channel, old, new = yield self.subscribed_graph(server)
+        node = self.cluster.node(old)
+        node.stop()  # SIGKILL; its replica takes over after the node timeout
+        self.addCleanup(lambda: node.process is None and node.start())
+        yield wait_for(lambda: not server.bus.ready()[0], timeout=10)
+        yield wait_for(lambda: server.bus.ready()[0] and channel in self.cluster.shard_channels(new), timeout=30)
+        self.assertEqual(self.cluster.owner(channel), new)
+        self.assertNotIn(("127.0.0.1", old), server.bus.links)
+        yield self.delivered_once(client, graph, 1)
+        node.start()  # back as a replica of the new master
+        self.cluster.wait_ok()
+        self.held_by_masters_only(server, channel, new)

@@ -47,7 +47,7 @@ class Precedence(Base):
         settings = load(None, NO_AUTH)
         self.assertEqual(settings.port, 8001)
         self.assertEqual(settings.host, "0.0.0.0")
-        self.assertEqual(settings.endpoint, "tcp:8001:interface=0.0.0.0")
+        self.assertEqual(settings.endpoint, "tcp:8001:interface=0.0.0.0:backlog=4096")
         self.assertEqual(settings.cors_allow_origins, ("http://localhost:3000",))
         self.assertEqual(settings.max_inbound_frame, 64 * KiB)
         self.assertEqual(settings.max_message_size_limit, 16 * MiB)

@@ -35,7 +35,9 @@ class Keepalive(TestCase):
         client: RawClient = yield raw_connect(server.port, test=self)
         silent: RawClient = yield raw_connect(server.port, answer_pings=False, test=self)
         replies = []
+        deadline = time.monotonic() + 20
         while client.pings < 5:
+            self.assertLess(time.monotonic(), deadline, f"only {client.pings} pings came")
             replies.append((yield client.request(HEARTBEAT)))
             yield sleep(0.05)
         self.assertEqual(set(replies), {PONG})

@@ -79,44 +79,48 @@ class Producer(TestCase):
 
 
 class SlowConsumer(TestCase):
-    MAX = 256 * 1024
-
     @inlineCallbacks
-    def test_non_reading_client_is_closed_and_buffer_stays_bounded(self) -> None:
-        server = start_server(self, max_send_buffer=self.MAX)
+    def flood(self, bound: int, reader: bool) -> Any:
+        """Subscribe a client that stops reading (and maybe one that reads),
+        publish events until the slow one has been gone 0.5 s and at least
+        2 s have passed; sample the server's buffer for the slow socket
+        after each batch.  Returns (server, publisher, reader, slow socket,
+        peak unsent bytes, whether it was seen paused)."""
+        server = start_server(self, max_send_buffer=bound)
         publisher = Publisher(server)
-        reader: RawClient = yield subscribed(server.port, self)
+        reading = (yield subscribed(server.port, self)) if reader else None
         slow: RawClient = yield subscribed(server.port, self, rcvbuf=4096)
-        slow_proto = server_side(server, slow)
+        proto = server_side(server, slow)
+        self.assertEqual(proto.transport.bufferSize, min(bound, server.factory.transport_buffer))
         slow.transport.pauseProducing()  # the slow client stops reading
-        frame = len(envelope(0)) + 200  # the envelope plus push framing, generously
-
         peak = 0
         paused_seen = False
-        flood_started = time.monotonic()
+        started = time.monotonic()
         closed_at: float | None = None
-        # flood for at least 2 s, and at least 0.5 s after the slow socket is gone
         while True:
             now = time.monotonic()
-            if closed_at is not None and now - closed_at > 0.5 and now - flood_started > 2:
+            if closed_at is not None and now - closed_at > 0.5 and now - started > 2:
                 break
-            self.assertLess(now - flood_started, 30, "the slow consumer was never closed")
+            self.assertLess(now - started, 30, "the slow consumer was never closed")
             publisher.batch(4)
-            if slow_proto.transport is not None and slow_proto in server.factory.sockets:
-                paused_seen = paused_seen or slow_proto._paused
-                peak = max(peak, tcp_buffered(slow_proto.transport))
+            if proto in server.factory.sockets:
+                paused_seen = paused_seen or proto._paused
+                peak = max(peak, tcp_buffered(proto.transport))
             elif closed_at is None:
                 closed_at = now
             yield sleep(0.005)
-
-        self.assertTrue(paused_seen, "the slow socket's transport never paused it")
-        self.assertGreater(peak, self.MAX // 2, "the flood never filled the server's buffer")
-        self.assertLessEqual(peak, self.MAX + frame + 64)  # the bound, one frame, a close frame
         self.assertEqual(server.stats.slow_consumer_closes, 1)
         self.assertEqual(server.stats.sockets_closed["1013"], 1)
-        self.assertEqual(slow_proto.localCloseCode, 1013)
-        self.assertEqual(slow_proto.localCloseReason, b"slow consumer")
+        self.assertEqual((proto.localCloseCode, proto.localCloseReason), (1013, b"slow consumer"))
+        self.assertTrue(paused_seen, "the slow socket's transport never paused it")
+        frame = len(envelope(0)) + 200  # the envelope plus push framing, generously
+        self.assertGreater(peak, bound // 2, "the flood never filled the server's buffer")
+        self.assertLessEqual(peak, bound + frame + 64)  # the bound, one frame, a close frame
+        return server, publisher, reading
 
+    @inlineCallbacks
+    def test_non_reading_client_is_closed_and_a_reading_one_gets_everything(self) -> None:
+        server, publisher, reader = yield self.flood(256 * 1024, reader=True)
         # the reading client got every event, in order, and is still open
         yield wait_for(lambda: len(reader.messages) == publisher.sent + 1, timeout=20)
         seqs = [json.loads(m)["data"]["node_exec_id"] for m in reader.messages[1:]]
@@ -124,3 +128,7 @@ class SlowConsumer(TestCase):
         self.assertIsNone(reader.close_code)
         reply = yield reader.request('{"method":"heartbeat","data":"ping","success":true}')
         self.assertEqual(reply, b'{"method":"heartbeat","data":"pong","success":true}')
+
+    @inlineCallbacks
+    def test_bound_below_the_transport_buffer(self) -> None:
+        yield self.flood(24 * 1024, reader=False)

@@ -55,7 +55,7 @@ from . import IEventBus
 from .executions import ExecutionResolver, describe_url
 from .resp import RedisProtocol, connect, handshake
 from .shard import ConnectOptions, ShardLink, backoff, closed
-from .slots import Address, SlotMap, format_address, parse_address
+from .slots import Address, SlotMap, format_address, key_slot, parse_address
 
 log = Logger()
 
@@ -74,6 +74,7 @@ class ClusterBus(Service):
 
     def __init__(self, settings: Settings, router: Router, reactor: Any, stats: Stats, hub: Hub, *,
                  resolver: ExecutionResolver | None = None, refresh_interval: float = 30.0,
+                 ping_interval: float = 15.0, ping_timeout: float = 10.0,
                  rng: Callable[[], float] = random.random) -> None:
         self.router = router
         self.layout = router.layout
@@ -86,11 +87,15 @@ class ClusterBus(Service):
         self.resolver = resolver or ExecutionResolver(settings.database_url, reactor)
         self.database = describe_url(settings.database_url)
         self.refresh_interval = refresh_interval
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         self.rng = rng
         self.slots: SlotMap | None = None
         self.links: dict[Address, ShardLink] = {}
         self.refreshes = 0  # slot maps fetched
         self._wanted: Counter[str] = Counter()  # channel -> keys and users mapping to it
+        self._slot: dict[str, int] = {}  # channel -> its hash slot (computed once)
+        self._moved_at: dict[str, float] = {}  # channel -> when a MOVED for it was last followed
         self._key_channel: dict[str, str] = {}
         self._placed: dict[str, Address] = {}  # channel -> the link holding it
         self._unplaced: set[str] = set()  # wanted, but no known owner yet
@@ -129,6 +134,9 @@ class ClusterBus(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.slots = None
+        for state in (self._wanted, self._slot, self._moved_at, self._key_channel, self._placed, self._unplaced):
+            state.clear()
         if not self.resolver.database_url:
             log.warn("DATABASE_URL is not set: subscribe_graph_execution cannot be resolved on redis-cluster")
         self.resolver.start()
@@ -193,6 +201,7 @@ class ClusterBus(Service):
     def _want(self, channel: str) -> None:
         self._wanted[channel] += 1
         if self._wanted[channel] == 1:
+            self._slot[channel] = key_slot(channel)
             self._place(channel)
 
     def _unwant(self, channel: str) -> None:
@@ -201,6 +210,7 @@ class ClusterBus(Service):
             self._wanted[channel] = left
             return
         del self._wanted[channel]
+        del self._slot[channel]
         self._unplaced.discard(channel)
         address = self._placed.pop(channel, None)
         link = self.links.get(address) if address is not None else None
@@ -212,13 +222,15 @@ class ClusterBus(Service):
     def _link(self, address: Address) -> ShardLink:
         link = self.links.get(address)
         if link is None:
-            link = self.links[address] = ShardLink(address, self, self.reactor, self.options, self.stats, rng=self.rng)
+            link = self.links[address] = ShardLink(address, self, self.reactor, self.options, self.stats,
+                                                   ping_interval=self.ping_interval,
+                                                   ping_timeout=self.ping_timeout, rng=self.rng)
             link.start()
         return link
 
     def _place(self, channel: str) -> None:
         """Put ``channel`` on its owner's link (off any other one)."""
-        owner = self.slots.owner_of(channel) if self.slots is not None else None
+        owner = self.slots.owner(self._slot[channel]) if self.slots is not None else None
         current = self._placed.get(channel)
         if current is not None and current == owner:
             return
@@ -234,17 +246,25 @@ class ClusterBus(Service):
         self._link(owner).add(channel)
 
     def _apply(self, slots: SlotMap) -> None:
+        changed = slots != self.slots
         self.slots = slots
         masters = slots.masters()
         for address in sorted(masters):
             self._link(address)
-        for channel in tuple(self._wanted):
-            self._place(channel)
+        if changed:
+            for channel in tuple(self._wanted):
+                self._place(channel)
+        else:
+            for channel in tuple(self._unplaced):
+                self._place(channel)
         for address in tuple(self.links):
             if address not in masters:
                 link = self.links.pop(address)
                 log.info("shard node {node} no longer a master: closing its link", node=link.name)
-                self._closing.append(link.stop())
+                self._closing.append(link.stop().addBoth(self._closed_link))
+
+    def _closed_link(self, result: object) -> None:
+        self._closing = [d for d in self._closing if not d.called]
 
     # -- what links report ---------------------------------------------------------
 
@@ -257,13 +277,18 @@ class ClusterBus(Service):
         if channel not in self._wanted:
             return
         self._unplaced.add(channel)
-        if moved is not None and self.slots is not None and self.running:
+        now = self.reactor.seconds()
+        # follow a MOVED at once, but not twice in a row within the refresh
+        # interval: nodes that disagree for a moment must not ping-pong
+        if moved is not None and self.slots is not None and self.running \
+                and now - self._moved_at.get(channel, float("-inf")) >= MIN_REFRESH_INTERVAL:
+            self._moved_at[channel] = now
             slot, address = moved
             self.slots = self.slots.with_owner(slot, address)
             self._place(channel)
             self.request_refresh(address)
         else:
-            self.request_refresh(link.address)
+            self.request_refresh(moved[1] if moved is not None else link.address)
 
     def link_down(self, link: ShardLink) -> None:
         self.request_refresh()
@@ -324,7 +349,10 @@ class ClusterBus(Service):
             try:
                 yield handshake(conn, self.options.username, self.options.password, 0, self.options.name + "-control")
                 reply = yield conn.command("CLUSTER", "SLOTS")
-                return SlotMap.from_cluster_slots(reply, address)
+                slots = SlotMap.from_cluster_slots(reply, address)
+                if slots.masters():
+                    return slots
+                errors.append(f"{format_address(address)}: serves no slots")  # reset or not yet joined
             except Exception as exc:
                 errors.append(f"{format_address(address)}: {exc}")
             finally:
@@ -346,6 +374,8 @@ class ClusterBus(Service):
         if not self.running:
             return
         self.refreshes += 1
+        horizon = self.reactor.seconds() - MIN_REFRESH_INTERVAL
+        self._moved_at = {c: t for c, t in self._moved_at.items() if t > horizon}
         if self._refresh_failures or self.slots is None:
             log.info("cluster slot map: {count} masters {masters}", count=len(slots.masters()),
                      masters=", ".join(format_address(a) for a in sorted(slots.masters())))

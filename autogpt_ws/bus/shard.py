@@ -102,6 +102,7 @@ class ShardLink:
         self._ping_call: Any = None
         self._ping_deadline: Any = None
         self._stopping = False
+        self._down = False  # lost or never reached: log when it is back
 
     @property
     def name(self) -> str:
@@ -142,10 +143,11 @@ class ShardLink:
             self._attempt.cancel()  # still connecting: cancel the TCP attempt
         waits = []
         for proto in tuple(self._live):
-            # (a handshake in progress fails with its connection)
+            # abort: a hung node must not hold the stop (a handshake in
+            # progress fails with its connection)
             waits.append(closed(proto))
             if proto.transport is not None:
-                proto.transport.loseConnection()
+                proto.transport.abortConnection()
         return gatherResults(waits) if waits else succeed(None)
 
     # -- connection -----------------------------------------------------------
@@ -158,7 +160,7 @@ class ShardLink:
         d = connect(self.reactor, self.address[0], self.address[1], timeout=opts.timeout,
                     tls=opts.tls, ca_file=opts.ca_file, protocol=proto)
         d.addCallback(self._opened)
-        d.addCallback(lambda conn: handshake(conn, opts.username, opts.password, 0, opts.name))
+        d.addCallback(self._handshake)
         d.addCallbacks(self._connected, self._failed, callbackArgs=(proto,), errbackArgs=(proto,))
         self._attempt = d
 
@@ -167,15 +169,29 @@ class ShardLink:
         closed(proto).addCallback(self._lost, proto)
         return proto
 
+    def _handshake(self, proto: RedisProtocol) -> Deferred[Any]:
+        """AUTH and CLIENT SETNAME, bounded: a node that accepts TCP but
+        does not answer (stopped, overloaded) is dropped and retried."""
+        opts = self.options
+        deadline = self.reactor.callLater(opts.timeout, proto.transport.abortConnection)  # type: ignore[union-attr]
+
+        def done(result: object) -> object:
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        return handshake(proto, opts.username, opts.password, 0, opts.name).addBoth(done)
+
     def _connected(self, _: Any, proto: RedisProtocol) -> None:
         self._attempt = self._opening = None
         if self._stopping:
             proto.transport.loseConnection()  # type: ignore[union-attr]
             return
-        if self.failures:
-            log.info("shard node {node} connected again after {failures} failed attempts",
-                     node=self.name, failures=self.failures)
+        if self._down:
+            log.info("shard node {node} connected again ({failures} failed attempts); resubscribing {count} channels",
+                     node=self.name, failures=self.failures, count=len(self.channels))
         self.failures = 0
+        self._down = False
         self.conn = proto
         for channel in sorted(self.channels):
             self._ssubscribe(proto, channel)
@@ -188,6 +204,7 @@ class ShardLink:
         if self._stopping:
             return
         self.failures += 1
+        self._down = True
         delay = backoff(self.failures, self.rng)
         log.warn("shard node {node} unreachable ({error}); retry {attempt} in {delay:.1f}s",
                  node=self.name, error=failure.getErrorMessage(), attempt=self.failures, delay=delay)
@@ -206,7 +223,7 @@ class ShardLink:
         if self._stopping:
             return
         self.stats.bus_reconnects += 1
-        self.failures = 1
+        self._down = True
         delay = backoff(1, self.rng)
         log.warn("lost shard node {node} ({error}); {count} channels to resubscribe in {delay:.1f}s",
                  node=self.name, error=reason, count=len(self.channels), delay=delay)

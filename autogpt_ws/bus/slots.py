@@ -99,6 +99,11 @@ class SlotMap:
             owners[start:end + 1] = [address] * (end - start + 1)
         return cls(owners)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SlotMap) and self._owners == other._owners
+
+    __hash__ = None  # type: ignore[assignment]
+
     def owner(self, slot: int) -> Address | None:
         return self._owners[slot]
 
