@@ -228,7 +228,7 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
     )),
     ("WebSocket limits", (
         _f("max_inbound_frame", "size", 64 * KiB, "WS_MAX_MESSAGE_SIZE", "largest client message; over it: close 1009", minimum=16),
-        _f("max_send_buffer", "size", 1 * MiB, "WS_MAX_SEND_BUFFER", "unsent bytes a socket may hold; over it: close 1013 slow consumer", minimum=1024),
+        _f("max_send_buffer", "size", 1 * MiB, "WS_MAX_SEND_BUFFER", "unsent bytes a socket may hold: a frame due while more is unsent closes it 1013 slow consumer (keep it above your largest event)", minimum=1024),
         _f("max_connections", "int", 20000, "WS_MAX_CONNECTIONS", "open sockets; beyond it the upgrade gets HTTP 503 (0: no limit)", minimum=0),
         _f("max_connections_per_user", "int", 64, "WS_MAX_CONNECTIONS_PER_USER", "sockets per user; beyond it: close 1008 (0: no limit)", minimum=0),
         _f("max_subscriptions_per_socket", "int", 1000, "WS_MAX_SUBSCRIPTIONS", "subscriptions per socket; beyond it: error Subscription limit reached (0: no limit)", minimum=0),
@@ -239,7 +239,7 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("ping_interval", "float", 20.0, "WS_PING_INTERVAL", "protocol ping every N seconds (0: off)", minimum=0),
         _f("ping_timeout", "float", 20.0, "WS_PING_TIMEOUT", "close a socket whose pong is this late", minimum=0),
         _f("permessage_deflate", "bool", True, "WS_PERMESSAGE_DEFLATE", "accept permessage-deflate when a client offers it"),
-        _f("ws_allowed_origins", "list", (), "WS_ALLOWED_ORIGINS", "upgrade Origin allow-list, exact or regex:<pattern> (empty: any)"),
+        _f("ws_allowed_origins", "list", (), "WS_ALLOWED_ORIGINS", "upgrade Origin allow-list, exact or regex:<pattern> (empty: any); null is an origin: list it to allow it"),
         _f("ws_allow_missing_origin", "bool", True, "WS_ALLOW_MISSING_ORIGIN", "with an allow-list, accept upgrades that carry no Origin"),
     )),
     ("Catch-up on subscribe", (

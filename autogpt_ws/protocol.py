@@ -160,8 +160,11 @@ class ServerProtocol(WebSocketServerProtocol):
         self._expires_at = identity.expires_at
 
     def _auth_failed(self, failure: Failure) -> None:
-        failure.trap(AuthFailure)
-        exc: AuthFailure = failure.value
+        if failure.check(AuthFailure):
+            exc: AuthFailure = failure.value
+        else:  # a verifier bug must not answer HTTP 500 with its text
+            log.failure("token verification failed inside the server", failure)
+            exc = AuthFailure(4003, "Invalid token", "internal")
         self.factory.stats.auth_failures[exc.detail or str(exc.code)] += 1
         log.info("authentication failed ({detail}), close {code}", detail=exc.detail, code=exc.code)
         if self.factory.settings.auth_failure == "http":
@@ -175,7 +178,8 @@ class ServerProtocol(WebSocketServerProtocol):
             return
         self._deflate = self._perMessageCompress is not None
         settings = factory.settings
-        per_user = settings.max_connections_per_user
+        # with auth disabled every socket is the same user: no per-user cap
+        per_user = settings.max_connections_per_user if settings.enable_auth else 0
         if per_user and factory.hub.user_sockets(self.user_id) >= per_user:
             factory.stats.handshakes_refused["per_user"] += 1
             self.close(CLOSE_POLICY, "too many connections")

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
 from .origins import OriginList
@@ -133,9 +134,49 @@ def redact(uri: bytes) -> str:
     return _TOKEN.sub(rb"\1***", uri).decode("latin-1")
 
 
+class HeadDeadlineChannel(HTTPChannel):
+    """An HTTP channel whose request head must arrive within the Site
+    timeout (open_handshake_timeout).  twisted.web's own timeout is an idle
+    timeout, reset by every byte, so a client trickling its request one byte
+    at a time (slowloris) would otherwise hold the socket forever."""
+
+    _head_call: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.timeOut:
+            self._head_call = self.callLater(self.timeOut, self._head_expired)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_head()
+        super().allHeadersReceived()
+
+    def timeoutConnection(self) -> None:
+        self._cancel_head()
+        super().timeoutConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_head()
+        super().connectionLost(reason)
+
+    def _cancel_head(self) -> None:
+        if self._head_call is not None and self._head_call.active():
+            self._head_call.cancel()
+        self._head_call = None
+
+    def _head_expired(self) -> None:
+        self._head_call = None
+        self.setTimeout(None)
+        self.timeoutConnection()
+
+
 class QuietSite(Site):
     """twisted.web's access log writes full URIs (tokens included) to the
-    legacy log; ours is a structured debug line with the query redacted."""
+    legacy log; ours is a structured debug line with the query redacted.
+    Its channels enforce a deadline on the request head."""
+
+    def protocol(self) -> Any:  # type: ignore[override]
+        return _GenericHTTPChannelProtocol(HeadDeadlineChannel())
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         log.debug("{method} {uri} {code} {size}B", method=request.method.decode("latin-1"),

@@ -31,7 +31,10 @@ from twisted.internet.defer import Deferred, DeferredLock, gatherResults, inline
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, TestCase
 
+from zope.interface.verify import verifyObject
+
 from autogpt_ws import publish, wire
+from autogpt_ws.bus import IEventBus
 from autogpt_ws.bus.channels import Layout
 from autogpt_ws.bus.executions import APPLICATION_NAME, ExecutionResolver
 from autogpt_ws.bus.resp import RedisError, RedisProtocol, connect, encode
@@ -448,8 +451,15 @@ class RoutingTests(ClusterTestCase):
 class ConnectionTests(ClusterTestCase):
     @inlineCallbacks
     def test_not_ready_without_a_reachable_seed(self) -> None:
+        seeds = (free_port(), free_port())
         server = start_server(self, event_bus="redis-cluster", redis_cluster_host="127.0.0.1",
-                              redis_cluster_port=free_port(), redis_cluster_nodes=(f"127.0.0.1:{free_port()}",))
+                              redis_cluster_port=seeds[0], redis_cluster_nodes=(f"127.0.0.1:{seeds[1]}",),
+                              redis_password="redis-secret", database_url="postgresql://u:db-secret@db:5432/x")
+        verifyObject(IEventBus, server.bus)
+        self.assertEqual(server.bus.kind, "redis-cluster")
+        description = server.bus.describe()
+        self.assertIn(f"127.0.0.1:{seeds[1]}", description)
+        self.assertNotIn("secret", description)
         yield wait_for(lambda: "refused" in server.bus.ready()[1], timeout=10)
         ready, reason = server.bus.ready()
         self.assertFalse(ready)

@@ -220,9 +220,6 @@ class OpenHandshakeTimeout(TestCase):
             self.assertLess(index, 30, "still connected after 3 s of a trickled request (timeout 0.3 s)")
         yield idle.lost
 
-    test_trickled_request_is_disconnected.todo = (  # type: ignore[attr-defined]
-        "the Site timeout (service.py) is twisted.web's idle timeout, reset by every byte received")
-
     @inlineCallbacks
     def test_no_timeout_when_off(self) -> None:
         server = start_server(self, open_handshake_timeout=0)

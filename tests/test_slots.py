@@ -135,3 +135,10 @@ class AckMatchingTests(TestCase):
         self.proto.dataReceived(b"*3\r\n$12\r\nsunsubscribe\r\n$-1\r\n:0\r\n")
         self.assertEqual(done, [[[b"sunsubscribe", None, 0]]])
         self.assertEqual(self.pushes, [])
+
+    def test_a_reply_nested_in_lists_answers_the_command(self) -> None:
+        """CLUSTER SLOTS answers a list of lists: not a pub/sub message."""
+        done: list[Any] = []
+        self.proto.command("CLUSTER", "SLOTS").addCallback(done.append)
+        self.proto.dataReceived(b"*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:7000\r\n")
+        self.assertEqual(done, [[[0, 16383, [b"127.0.0.1", 7000]]]])
