@@ -96,6 +96,19 @@ def _deny(code: int, reason: str, label: str) -> ConnectionDeny:
     return deny
 
 
+def options_on_class(base: type[ServerProtocol], factory: WebSocketServerFactory) -> type[ServerProtocol]:
+    """A protocol class carrying the factory's options as class attributes.
+
+    Autobahn copies its ~30 protocol options onto every connection unless
+    the protocol already has them; on the class they cost nothing per
+    socket (part of the memory per idle socket, see the README)."""
+    options: dict[str, Any] = {}
+    for name in base.CONFIG_ATTRS:
+        value = getattr(factory, name)
+        options[name] = staticmethod(value) if callable(value) else value
+    return type(base.__name__, (base,), options)
+
+
 class WebsocketFactory(WebSocketServerFactory):
     protocol = ServerProtocol
     transport_buffer = TRANSPORT_BUFFER
@@ -128,6 +141,8 @@ class WebsocketFactory(WebSocketServerFactory):
             tcpNoDelay=True,
             perMessageCompressionAccept=accept_deflate if settings.permessage_deflate else (lambda offers: None),
         )
+        self.protocol = options_on_class(ServerProtocol, self)
+
 
     def session_for(self, proto: ServerProtocol) -> Session:
         s = self.settings

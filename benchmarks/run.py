@@ -289,10 +289,14 @@ class Client:
 
     def close(self) -> None:
         try:
-            self.run(cmd="quit")
+            if self.proc.poll() is None:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.flush()
+            self.proc.wait(10)
         except Exception:
-            pass
-        self.proc.wait(10)
+            self.proc.kill()
+            self.proc.wait(5)
 
 
 # -- scenarios -----------------------------------------------------------------
@@ -521,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("node", "redis-server"):
         if not shutil.which(tool):
             p.error(f"{tool} is required")
+    def terminated(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # run the finally blocks: stop servers, Redis
+
+    signal.signal(signal.SIGTERM, terminated)
     nofile = raise_nofile()
     if nofile < sizes.idle_conns + 1000:
         print(f"warning: RLIMIT_NOFILE is {nofile}, below {sizes.idle_conns + 1000}", file=sys.stderr)

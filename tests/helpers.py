@@ -585,3 +585,265 @@ def redis_clients(redis: RedisServer, kind: str = "pubsub", password: str = "") 
     if not reply.startswith(b"$"):
         raise AssertionError(f"CLIENT LIST failed: {reply!r}")
     return [line for line in reply.split(b"\r\n", 1)[1].splitlines() if line.startswith(b"id=")]
+
+
+# -- a real Redis Cluster, AutoGPT's database, a sharded producer ------------
+# (tests/test_bus_cluster.py; module-wide fixtures: trial has no setUpClass)
+
+import atexit as _atexit  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+import uuid as _uuid  # noqa: E402
+from urllib.parse import urlsplit as _urlsplit, urlunsplit as _urlunsplit  # noqa: E402
+
+import hiredis as _hiredis  # noqa: E402
+from twisted.internet.defer import DeferredLock as _DeferredLock, gatherResults as _gatherResults  # noqa: E402
+
+from autogpt_ws.bus.executions import APPLICATION_NAME as _APPLICATION_NAME  # noqa: E402
+from autogpt_ws.bus.resp import RedisError as _RedisError, RedisProtocol as _RedisProtocol  # noqa: E402
+from autogpt_ws.bus.resp import connect as _redis_connect, encode as _encode  # noqa: E402
+from autogpt_ws.bus.shard import closed as _closed  # noqa: E402
+
+CLUSTER_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-require-full-coverage", "no")
+POSTGRES_ADMIN_URL = os.environ.get("AUTOGPT_WS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def redis_call(port: int, *args: str | bytes | int) -> Any:
+    """One command on a fresh blocking connection (test setup and checks)."""
+    reader = _hiredis.Reader()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(_encode(args))
+        while True:
+            reply = reader.gets()
+            if reply is not False:
+                return reply
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"redis on {port} closed the connection")
+            reader.feed(chunk)
+
+
+class RedisCluster:
+    """3 masters, each with ``replicas`` replicas."""
+
+    def __init__(self, replicas: int = 0, node_timeout: int = 5000) -> None:
+        if shutil.which("redis-cli") is None:
+            raise SkipTest("redis-cli is not installed")
+        self.replicas = replicas
+        # the cluster bus port defaults to port + 10000, which may not exist
+        # or be free: pick it too
+        self.nodes = [RedisServer(extra=(*CLUSTER_ARGS, "--cluster-node-timeout", str(node_timeout),
+                                         "--cluster-port", str(free_port())))
+                      for _ in range(3 * (1 + replicas))]
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    def node(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        _subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                        check=True, capture_output=True, timeout=60)
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Every node says cluster_state:ok, they agree on the owners, and
+        every master has its replicas in sync."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                views = [sorted((e[0], e[1], e[2][1], len(e) - 3) for e in redis_call(p, "CLUSTER", "SLOTS"))
+                         for p in self.ports]
+                states = [b"cluster_state:ok" in redis_call(p, "CLUSTER", "INFO") for p in self.ports]
+                replication = [redis_call(p, "INFO", "replication") for p in self.ports]
+                synced = all(b"role:master" in r or b"master_link_status:up" in r for r in replication)
+                if (all(states) and synced and all(v == views[0] for v in views) and len({e[2] for e in views[0]}) == 3
+                        and sum(e[1] - e[0] + 1 for e in views[0]) == 16384
+                        and all(e[3] == self.replicas for e in views[0])):
+                    return
+            except (OSError, TypeError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("the test cluster did not become ok")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+    def alive(self) -> int:
+        return next(n.port for n in self.nodes if n.process is not None)
+
+    def keyslot(self, channel: str) -> int:
+        return int(redis_call(self.alive(), "CLUSTER", "KEYSLOT", channel))
+
+    def owner(self, channel: str) -> int:
+        """Port of the master the cluster says owns ``channel``."""
+        slot = self.keyslot(channel)
+        for entry in redis_call(self.alive(), "CLUSTER", "SLOTS"):
+            if entry[0] <= slot <= entry[1]:
+                return int(entry[2][1])
+        raise AssertionError(f"no owner for slot {slot}")
+
+    def replica_of(self, port: int) -> int:
+        master_id = redis_call(port, "CLUSTER", "MYID").decode()
+        line = redis_call(port, "CLUSTER", "REPLICAS", master_id)[0].decode()
+        return int(line.split()[1].split("@")[0].rpartition(":")[2])
+
+    def shard_channels(self, port: int) -> set[str]:
+        return {c.decode() for c in redis_call(port, "PUBSUB", "SHARDCHANNELS")}
+
+    def clients(self, port: int, pubsub_only: bool = False, name: str = "autogpt-ws-cluster") -> int:
+        """Connections named ``name`` (the bus's subscribers) on that node."""
+        args = ("CLIENT", "LIST", "TYPE", "pubsub") if pubsub_only else ("CLIENT", "LIST")
+        lines = redis_call(port, *args).decode().splitlines()
+        return sum(1 for line in lines if f" name={name} " in f" {line} ")
+
+    def migrate(self, slot: int, target: int) -> None:
+        """Move one (empty) slot to ``target``, as `redis-cli --cluster
+        reshard` does for each slot: IMPORTING, MIGRATING, then NODE."""
+        source = next(p for p in self.ports if any(e[0] <= slot <= e[1] and e[2][1] == p
+                                                   for e in redis_call(p, "CLUSTER", "SLOTS")))
+        ids = {p: redis_call(p, "CLUSTER", "MYID").decode() for p in self.ports}
+        redis_call(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        redis_call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        for port in (target, source, *(p for p in self.ports if p not in (source, target))):
+            redis_call(port, "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        self.wait_ok()
+
+
+_fixtures: dict[str, Any] = {}
+
+
+def shared_fixture(name: str, make: Any) -> Any:
+    """A module-wide fixture, built on first use and torn down at exit; a
+    failure (or skip) to build it is remembered and raised again."""
+    if name not in _fixtures:
+        try:
+            _fixtures[name] = make()
+        except BaseException as exc:
+            _fixtures[name] = exc
+    value = _fixtures[name]
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def make_cluster(replicas: int = 0, node_timeout: int = 5000) -> RedisCluster:
+    cluster = RedisCluster(replicas, node_timeout)
+    _atexit.register(cluster.stop)
+    cluster.start()
+    return cluster
+
+
+class AutogptDatabase:
+    """A database of our own holding AutoGPT's AgentGraphExecution table."""
+
+    def __init__(self) -> None:
+        import psycopg
+
+        self.psycopg = psycopg
+        try:
+            admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+        except psycopg.OperationalError as exc:
+            raise SkipTest(f"PostgreSQL is not reachable at {_urlsplit(POSTGRES_ADMIN_URL).hostname}: {exc}") from None
+        self.name = "autogpt_ws_test_" + _uuid.uuid4().hex[:12]
+        with admin:
+            admin.execute(f'CREATE DATABASE "{self.name}"')
+        parts = _urlsplit(POSTGRES_ADMIN_URL)
+        self.url = _urlunsplit(parts._replace(path="/" + self.name))
+        self.conn = psycopg.connect(self.url, autocommit=True)
+        for schema in ("public", "platform"):
+            self.conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            self.conn.execute(f'CREATE TABLE "{schema}"."AgentGraphExecution" '
+                              '("id" text PRIMARY KEY, "agentGraphId" text NOT NULL, "userId" text NOT NULL)')
+
+    def add(self, exec_id: str, graph_id: str, user_id: str, schema: str = "public") -> None:
+        self.conn.execute(f'INSERT INTO "{schema}"."AgentGraphExecution" ("id", "agentGraphId", "userId") '
+                          'VALUES (%s, %s, %s)', (exec_id, graph_id, user_id))
+
+    def delete(self, exec_id: str) -> None:
+        self.conn.execute('DELETE FROM "AgentGraphExecution" WHERE "id" = %s', (exec_id,))
+
+    def our_connections(self) -> int:
+        row = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                                (self.name, _APPLICATION_NAME)).fetchone()
+        return int(row[0]) if row else 0
+
+    def drop(self) -> None:
+        self.conn.close()
+        with self.psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def make_database() -> AutogptDatabase:
+    database = AutogptDatabase()
+    _atexit.register(database.drop)
+    return database
+
+
+class ClusterPublisher:
+    """SPUBLISH like a Redis Cluster client (redis-py's ``spublish``): to the
+    master its slot map (CLUSTER SLOTS) names, following MOVED; a dead node
+    or :meth:`refresh` drops the routes.  (A stale route after a manual
+    failover would still "work": Redis 7.0 serves SPUBLISH on a replica for
+    its master's slots, to the replica's own subscribers only.)"""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.cluster = cluster
+        self.route: dict[str, tuple[str, int]] = {}
+        self.conns: dict[tuple[str, int], _RedisProtocol] = {}
+        self.opened: list[_RedisProtocol] = []
+        self.lock = _DeferredLock()
+
+    @inlineCallbacks
+    def _conn(self, address: tuple[str, int]) -> Any:
+        conn = self.conns.get(address)
+        if conn is None or not conn.connected:
+            conn = yield _redis_connect(reactor, address[0], address[1], timeout=2)
+            self.conns[address] = conn
+            self.opened.append(conn)
+        return conn
+
+    def publish(self, channel: str, data: bytes) -> Deferred[int]:
+        """One at a time, in order."""
+        return self.lock.run(self._publish, channel, data)
+
+    @inlineCallbacks
+    def _publish(self, channel: str, data: bytes) -> Any:
+        for _ in range(10):
+            address = self.route.get(channel)
+            if address is None:
+                address = self.route[channel] = ("127.0.0.1", self.cluster.owner(channel))
+            try:
+                conn = yield self._conn(address)
+                receivers = yield conn.command("SPUBLISH", channel, data)
+                return receivers
+            except _RedisError as exc:
+                kind, _, rest = str(exc).partition(" ")
+                if kind == "MOVED":
+                    host, _, port = rest.split()[1].rpartition(":")
+                    self.route[channel] = (host, int(port))
+                elif kind in ("CLUSTERDOWN", "TRYAGAIN"):
+                    yield sleep(0.2)
+                else:
+                    raise
+            except Exception:
+                self.route.pop(channel, None)
+        raise AssertionError(f"could not publish to {channel}")
+
+    def refresh(self) -> None:
+        self.route.clear()
+
+    def close(self) -> Deferred[Any]:
+        waits = []
+        for conn in self.opened:
+            waits.append(_closed(conn))
+            if conn.connected and conn.transport is not None:
+                conn.transport.loseConnection()
+        return _gatherResults(waits)

@@ -1,308 +1,47 @@
 """The sharded Redis Cluster bus against a real 3-master cluster and a real
 PostgreSQL database (AgentGraphExecution), over real WebSocket sockets.
 
-The cluster is started once for the module (trial has no setUpClass) and
-killed at exit; each test uses its own ids, so tests do not see each other's
-channels.  The database is created once (autogpt_ws_test_<random>) and
-dropped at exit.  Producers publish with SPUBLISH exactly as AutoGPT's
-executors do: ``publish_event(..., sharded=True)`` through a cluster-aware
-publisher that follows MOVED like redis-py's cluster client.
+The clusters (3 masters; 3 masters with a replica each) are started once
+per process on first use (trial has no setUpClass) and killed at exit; each
+test uses its own ids, so tests do not see each other's channels.  The
+database is created once (autogpt_ws_test_<random>) and dropped at exit.
+Producers publish with SPUBLISH exactly as AutoGPT's executors do:
+``publish_event(..., sharded=True)`` through a cluster-aware publisher that
+routes by CLUSTER SLOTS and follows MOVED like redis-py's cluster client.
+The fixtures live in tests/helpers.py.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
 import random
-import shutil
 import signal
-import socket
 import string
-import subprocess
-import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import hiredis
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SkipTest, TestCase
-
+from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from autogpt_ws import publish, wire
 from autogpt_ws.bus import IEventBus
 from autogpt_ws.bus.channels import Layout
-from autogpt_ws.bus.executions import APPLICATION_NAME, ExecutionResolver
-from autogpt_ws.bus.resp import RedisError, RedisProtocol, connect, encode
-from autogpt_ws.bus.shard import closed
+from autogpt_ws.bus.executions import ExecutionResolver
 from autogpt_ws.bus.slots import key_slot
 from autogpt_ws.service import WebsocketServer
-from tests.helpers import SECRET, U, Client, RedisServer, free_port, sleep, start_server, token, wait_for
+from tests.helpers import (SECRET, U, AutogptDatabase, Client, ClusterPublisher, RedisCluster, free_port,
+                           make_cluster, make_database, redis_call, shared_fixture, sleep, start_server, token,
+                           wait_for)
 from tests.helpers import connect as ws_connect
 
 LAYOUT = Layout()
-NAME = "autogpt-ws-cluster"  # CLIENT SETNAME of the bus's subscriber connections
-CLUSTER_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-require-full-coverage", "no")
-ADMIN_URL = os.environ.get("AUTOGPT_WS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def call(port: int, *args: str | bytes | int) -> Any:
-    """One command on a fresh blocking connection (test setup and checks)."""
-    reader = hiredis.Reader()
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(encode(args))
-        while True:
-            reply = reader.gets()
-            if reply is not False:
-                return reply
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"redis on {port} closed the connection")
-            reader.feed(chunk)
-
-
-# -- the cluster ----------------------------------------------------------------
-
-
-class Cluster:
-    """3 masters, each with ``replicas`` replicas."""
-
-    def __init__(self, replicas: int = 0, node_timeout: int = 5000) -> None:
-        if shutil.which("redis-cli") is None:
-            raise SkipTest("redis-cli is not installed")
-        self.replicas = replicas
-        # the cluster bus port defaults to port + 10000, which may not exist
-        # or be free: pick it too
-        self.nodes = [RedisServer(extra=(*CLUSTER_ARGS, "--cluster-node-timeout", str(node_timeout),
-                                         "--cluster-port", str(free_port())))
-                      for _ in range(3 * (1 + replicas))]
-
-    @property
-    def ports(self) -> list[int]:
-        return [n.port for n in self.nodes]
-
-    def node(self, port: int) -> RedisServer:
-        return next(n for n in self.nodes if n.port == port)
-
-    def start(self) -> None:
-        for node in self.nodes:
-            node.start()
-        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        self.wait_ok()
-
-    def wait_ok(self, timeout: float = 30.0) -> None:
-        """Every node says cluster_state:ok, they agree on the owners, and
-        every master has its replicas in sync."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                views = [sorted((e[0], e[1], e[2][1], len(e) - 3) for e in call(p, "CLUSTER", "SLOTS"))
-                         for p in self.ports]
-                states = [b"cluster_state:ok" in call(p, "CLUSTER", "INFO") for p in self.ports]
-                replication = [call(p, "INFO", "replication") for p in self.ports]
-                synced = all(b"role:master" in r or b"master_link_status:up" in r for r in replication)
-                if (all(states) and synced and all(v == views[0] for v in views) and len({e[2] for e in views[0]}) == 3
-                        and sum(e[1] - e[0] + 1 for e in views[0]) == 16384
-                        and all(e[3] == self.replicas for e in views[0])):
-                    return
-            except (OSError, TypeError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("the test cluster did not become ok")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.cleanup()
-
-    def alive(self) -> int:
-        return next(n.port for n in self.nodes if n.process is not None)
-
-    def keyslot(self, channel: str) -> int:
-        return int(call(self.alive(), "CLUSTER", "KEYSLOT", channel))
-
-    def owner(self, channel: str) -> int:
-        """Port of the master the cluster says owns ``channel``."""
-        slot = self.keyslot(channel)
-        for entry in call(self.alive(), "CLUSTER", "SLOTS"):
-            if entry[0] <= slot <= entry[1]:
-                return int(entry[2][1])
-        raise AssertionError(f"no owner for slot {slot}")
-
-    def replica_of(self, port: int) -> int:
-        master_id = call(port, "CLUSTER", "MYID").decode()
-        line = call(port, "CLUSTER", "REPLICAS", master_id)[0].decode()
-        return int(line.split()[1].split("@")[0].rpartition(":")[2])
-
-    def shard_channels(self, port: int) -> set[str]:
-        return {c.decode() for c in call(port, "PUBSUB", "SHARDCHANNELS")}
-
-    def clients(self, port: int, pubsub_only: bool = False) -> int:
-        """Connections named like the bus's subscribers on that node."""
-        args = ("CLIENT", "LIST", "TYPE", "pubsub") if pubsub_only else ("CLIENT", "LIST")
-        lines = call(port, *args).decode().splitlines()
-        return sum(1 for line in lines if f" name={NAME} " in f" {line} ")
-
-    def migrate(self, slot: int, target: int) -> None:
-        """Move one (empty) slot to ``target``, as `redis-cli --cluster
-        reshard` does for each slot: IMPORTING, MIGRATING, then NODE."""
-        source = next(p for p in self.ports if any(e[0] <= slot <= e[1] and e[2][1] == p
-                                                   for e in call(p, "CLUSTER", "SLOTS")))
-        ids = {p: call(p, "CLUSTER", "MYID").decode() for p in self.ports}
-        call(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
-        call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
-        for port in (target, source, *(p for p in self.ports if p not in (source, target))):
-            call(port, "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
-        self.wait_ok()
-
-
-_shared: dict[str, Any] = {}
-
-
-def shared(name: str, make: Any) -> Any:
-    """A module-wide fixture, built on first use and torn down at exit; a
-    failure (or skip) to build it is remembered and raised again."""
-    if name not in _shared:
-        try:
-            _shared[name] = make()
-        except BaseException as exc:
-            _shared[name] = exc
-    value = _shared[name]
-    if isinstance(value, BaseException):
-        raise value
-    return value
-
-
-def make_cluster(replicas: int = 0, node_timeout: int = 5000) -> Cluster:
-    cluster = Cluster(replicas, node_timeout)
-    atexit.register(cluster.stop)
-    cluster.start()
-    return cluster
-
-
-# -- the database -----------------------------------------------------------------
-
-
-class Database:
-    """A database of our own holding AutoGPT's AgentGraphExecution table."""
-
-    def __init__(self) -> None:
-        import psycopg
-
-        self.psycopg = psycopg
-        try:
-            admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
-        except psycopg.OperationalError as exc:
-            raise SkipTest(f"PostgreSQL is not reachable at {urlsplit(ADMIN_URL).hostname}: {exc}") from None
-        self.name = "autogpt_ws_test_" + uuid.uuid4().hex[:12]
-        with admin:
-            admin.execute(f'CREATE DATABASE "{self.name}"')
-        parts = urlsplit(ADMIN_URL)
-        self.url = urlunsplit(parts._replace(path="/" + self.name))
-        self.conn = psycopg.connect(self.url, autocommit=True)
-        for schema in ("public", "platform"):
-            self.conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            self.conn.execute(f'CREATE TABLE "{schema}"."AgentGraphExecution" '
-                              '("id" text PRIMARY KEY, "agentGraphId" text NOT NULL, "userId" text NOT NULL)')
-
-    def add(self, exec_id: str, graph_id: str, user_id: str, schema: str = "public") -> None:
-        self.conn.execute(f'INSERT INTO "{schema}"."AgentGraphExecution" ("id", "agentGraphId", "userId") '
-                          'VALUES (%s, %s, %s)', (exec_id, graph_id, user_id))
-
-    def delete(self, exec_id: str) -> None:
-        self.conn.execute('DELETE FROM "AgentGraphExecution" WHERE "id" = %s', (exec_id,))
-
-    def our_connections(self) -> int:
-        row = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
-                                (self.name, APPLICATION_NAME)).fetchone()
-        return int(row[0]) if row else 0
-
-    def drop(self) -> None:
-        self.conn.close()
-        with self.psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-
-
-def make_database() -> Database:
-    database = Database()
-    atexit.register(database.drop)
-    return database
-
-
-# -- a producer publishing as AutoGPT's executors do --------------------------------
-
-
-class ClusterPublisher:
-    """SPUBLISH like a Redis Cluster client (redis-py's ``spublish``): to the
-    master its slot map (CLUSTER SLOTS) names, following MOVED; a dead node
-    or :meth:`refresh` drops the routes.  (A stale route after a manual
-    failover would still "work": Redis 7.0 serves SPUBLISH on a replica for
-    its master's slots, to the replica's own subscribers only.)"""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
-        self.route: dict[str, tuple[str, int]] = {}
-        self.conns: dict[tuple[str, int], RedisProtocol] = {}
-        self.opened: list[RedisProtocol] = []
-        self.lock = DeferredLock()
-
-    @inlineCallbacks
-    def _conn(self, address: tuple[str, int]) -> Any:
-        conn = self.conns.get(address)
-        if conn is None or not conn.connected:
-            conn = yield connect(reactor, address[0], address[1], timeout=2)
-            self.conns[address] = conn
-            self.opened.append(conn)
-        return conn
-
-    def publish(self, channel: str, data: bytes) -> Deferred[int]:
-        """One at a time, in order."""
-        return self.lock.run(self._publish, channel, data)
-
-    @inlineCallbacks
-    def _publish(self, channel: str, data: bytes) -> Any:
-        for _ in range(10):
-            address = self.route.get(channel)
-            if address is None:
-                address = self.route[channel] = ("127.0.0.1", self.cluster.owner(channel))
-            try:
-                conn = yield self._conn(address)
-                receivers = yield conn.command("SPUBLISH", channel, data)
-                return receivers
-            except RedisError as exc:
-                kind, _, rest = str(exc).partition(" ")
-                if kind == "MOVED":
-                    host, _, port = rest.split()[1].rpartition(":")
-                    self.route[channel] = (host, int(port))
-                elif kind in ("CLUSTERDOWN", "TRYAGAIN"):
-                    yield sleep(0.2)
-                else:
-                    raise
-            except Exception:
-                self.route.pop(channel, None)
-        raise AssertionError(f"could not publish to {channel}")
-
-    def refresh(self) -> None:
-        self.route.clear()
-
-    def close(self) -> Deferred[Any]:
-        waits = []
-        for conn in self.opened:
-            waits.append(closed(conn))
-            if conn.connected and conn.transport is not None:
-                conn.transport.loseConnection()
-        return gatherResults(waits)
 
 
 def frame(client: Client, index: int) -> Deferred[dict[str, Any]]:
@@ -315,17 +54,17 @@ class ClusterTestCase(TestCase):
     node_timeout = 5000
 
     def setUp(self) -> None:
-        self.cluster: Cluster = shared(f"cluster-{self.replicas}",
-                                       lambda: make_cluster(self.replicas, self.node_timeout))
+        self.cluster: RedisCluster = shared_fixture(
+            f"cluster-{self.replicas}", lambda: make_cluster(self.replicas, self.node_timeout))
         self.cluster.wait_ok()
         self.publisher = ClusterPublisher(self.cluster)
         self.addCleanup(self.publisher.close)
 
-    def database(self) -> Database:
-        return shared("database", make_database)
+    def database(self) -> AutogptDatabase:
+        return shared_fixture("database", make_database)
 
     @inlineCallbacks
-    def serve(self, database: Database | None = None, ping: tuple[float, float] | None = None,
+    def serve(self, database: AutogptDatabase | None = None, ping: tuple[float, float] | None = None,
               **overrides: Any) -> Any:
         values: dict[str, Any] = {"event_bus": "redis-cluster", "redis_cluster_host": "127.0.0.1",
                                   "redis_cluster_port": self.cluster.ports[0],
@@ -489,7 +228,7 @@ class ConnectionTests(ClusterTestCase):
         for port in self.cluster.ports:
             self.assertEqual(self.cluster.clients(port), 1, port)
             self.assertEqual(self.cluster.clients(port, pubsub_only=True), 1, port)
-            self.assertEqual(len(call(port, "CLIENT", "LIST", "TYPE", "pubsub").splitlines()), 1, port)
+            self.assertEqual(len(redis_call(port, "CLIENT", "LIST", "TYPE", "pubsub").splitlines()), 1, port)
 
     @inlineCallbacks
     def test_refcounted_unsubscribe(self) -> None:
@@ -506,7 +245,7 @@ class ConnectionTests(ClusterTestCase):
             yield self.subscribe(server, client, "graph_exec_id", execution)
         owner = self.cluster.owner(next(iter(channels)))
         self.assertTrue(channels <= self.cluster.shard_channels(owner))
-        counts = call(owner, "PUBSUB", "SHARDNUMSUB", *sorted(channels))
+        counts = redis_call(owner, "PUBSUB", "SHARDNUMSUB", *sorted(channels))
         self.assertEqual(counts[1::2], [1, 1])  # one subscriber (our connection) for two sockets
 
         reply = yield first.request(json.dumps({"method": "unsubscribe", "data": {"graph_id": graph}}))
@@ -583,7 +322,7 @@ class ResolverTests(TestCase):
     """The resolver alone: real PostgreSQL, real thread pool, a Clock for TTLs."""
 
     def setUp(self) -> None:
-        self.db: Database = shared("database", make_database)
+        self.db: AutogptDatabase = shared_fixture("database", make_database)
         self.clock = Clock()
 
     def resolver(self, url: str | None = None, **kwargs: Any) -> ExecutionResolver:
@@ -819,7 +558,7 @@ class FailoverTests(ClusterTestCase):
         self.assertEqual(len(client.messages), index + 1)
 
     def held_by_masters_only(self, server: WebsocketServer, channel: str, owner: int) -> None:
-        masters = {int(e[2][1]) for e in call(owner, "CLUSTER", "SLOTS")}
+        masters = {int(e[2][1]) for e in redis_call(owner, "CLUSTER", "SLOTS")}
         self.assertEqual({a[1] for a in server.bus.links}, masters)
         for port in self.cluster.ports:
             self.assertEqual(self.cluster.clients(port), 1 if port in masters else 0, port)
@@ -833,7 +572,7 @@ class FailoverTests(ClusterTestCase):
         server = yield self.serve()
         client, graph, channel, old, new = yield self.subscribed_graph(server)
         yield self.delivered_once(client, graph, 1)
-        call(new, "CLUSTER", "FAILOVER")
+        redis_call(new, "CLUSTER", "FAILOVER")
         yield wait_for(lambda: self.cluster.owner(channel) == new and server.bus.ready()[0]
                        and channel in self.cluster.shard_channels(new), timeout=20)
         yield wait_for(lambda: self.cluster.clients(old) == 0, timeout=10)

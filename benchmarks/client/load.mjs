@@ -31,6 +31,7 @@ const RETRY_MS = 1000; // the AutoGPT frontend reconnects 1 s after a failure
 // SAMPLE_EVERY (10% with 10 channels: every channel, spread over the whole
 // pool); the others only count frames, so the client spends little per frame
 const SAMPLE_EVERY = +(args.sample ?? 100);
+const OPEN_TIMEOUT_MS = +(args['open-timeout'] ?? 15000);
 
 const now = () => performance.now();
 const T_MARK = Buffer.from('"t":');
@@ -70,8 +71,10 @@ class Conn {
   open() {
     return new Promise((resolve) => {
       this.acked = false; this.upgraded = false; this.rest = null;
-      this.onAck = () => resolve(true);
-      this.onFail = () => resolve(false);
+      // no subscribe ack within OPEN_TIMEOUT_MS: give up on this attempt
+      const timer = setTimeout(() => { if (this.sock === sock && !this.acked) { this.fail(); this.reset(); } }, OPEN_TIMEOUT_MS);
+      this.onAck = () => { clearTimeout(timer); resolve(true); };
+      this.onFail = () => { clearTimeout(timer); resolve(false); };
       const sock = net.connect({ host: HOST, port: PORT, noDelay: true });
       this.sock = sock;
       sock.on('connect', () => sock.write(REQUEST));
@@ -142,7 +145,7 @@ class Conn {
 
 // open with retries (1 s later, as the frontend does); resolves true once subscribed
 async function openWithRetry(conn, stats) {
-  for (let attempt = 0; attempt < 10; attempt++) {
+  for (let attempt = 0; attempt < 5; attempt++) {
     if (await conn.open()) return true;
     stats.retries++;
     await new Promise((r) => setTimeout(r, RETRY_MS));

@@ -1,0 +1,32 @@
+"""What an open socket keeps: Autobahn's per-connection copies of the
+factory options and its handshake state are not held per socket."""
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from autogpt_ws.protocol import HANDSHAKE_ONLY, SendQueue
+from tests.helpers import connect, start_server
+
+
+class IdleSocketState(TestCase):
+    @inlineCallbacks
+    def test_open_socket_holds_no_handshake_state_nor_option_copies(self) -> None:
+        server = start_server(self, max_inbound_frame=1024)
+        client = yield connect(server.port, test=self)
+        yield client.request('{"method":"subscribe_graph_execution","data":{"graph_exec_id":"e1"}}')
+        (proto,) = server.factory.sockets
+        held = vars(proto)
+        for name in HANDSHAKE_ONLY + tuple(proto.CONFIG_ATTRS):
+            self.assertNotIn(name, held)
+        # the options still apply, from the class
+        self.assertEqual(proto.maxMessagePayloadSize, 1024)
+        self.assertIsInstance(proto.send_queue, SendQueue)
+        # and the socket still works after the handshake state is gone
+        reply = yield client.request('{"method":"heartbeat","data":"ping","success":true}')
+        self.assertEqual(reply, b'{"method":"heartbeat","data":"pong","success":true}')
+
+    def test_send_queue_is_a_fifo(self) -> None:
+        queue = SendQueue()
+        queue.append(1)
+        queue.append(2)
+        self.assertEqual((queue.popleft(), queue.popleft(), len(queue)), (1, 2, 0))
