@@ -478,6 +478,8 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError("redis_cluster_nodes", f"{node!r} is not host:port")
     if settings.event_bus == "redis-cluster" and not (settings.redis_cluster_host or settings.redis_cluster_nodes):
         raise ConfigError("redis_cluster_host", "required when event_bus is redis-cluster (or list redis_cluster_nodes)")
+    if settings.event_bus == "redis-cluster" and not settings.database_url:
+        raise ConfigError("database_url", "required when event_bus is redis-cluster (an execution's graph id comes from the AutoGPT database)")
     return settings
 
 

@@ -59,6 +59,7 @@ class SendQueue(list):  # type: ignore[type-arg]
     def popleft(self) -> Any:
         return self.pop(0)
 
+
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED = 1003
 CLOSE_POLICY = 1008

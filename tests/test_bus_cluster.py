@@ -68,7 +68,8 @@ class ClusterTestCase(TestCase):
               **overrides: Any) -> Any:
         values: dict[str, Any] = {"event_bus": "redis-cluster", "redis_cluster_host": "127.0.0.1",
                                   "redis_cluster_port": self.cluster.ports[0],
-                                  "database_url": database.url if database else ""}
+                                  # the setting is required; tests without executions never connect to it
+                                  "database_url": database.url if database else "postgresql://unused@127.0.0.1:9/unused"}
         values.update(overrides)
         server = start_server(self, **values)
         if ping is not None:  # links are made once the slot map is read: they take these

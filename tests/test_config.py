@@ -218,7 +218,10 @@ class Rejections(Base):
 
     def test_redis_cluster_needs_a_seed(self) -> None:
         self.refused("redis_cluster_host", env={**NO_AUTH, "EVENT_BUS": "redis-cluster"}, contains="required")
-        settings = load(None, {**NO_AUTH, "EVENT_BUS": "redis-cluster", "REDIS_CLUSTER_NODES": "r1:7000,r2:7001"})
+        self.refused("database_url", env={**NO_AUTH, "EVENT_BUS": "redis-cluster", "REDIS_CLUSTER_HOST": "r1"},
+                     contains="required")
+        settings = load(None, {**NO_AUTH, "EVENT_BUS": "redis-cluster", "REDIS_CLUSTER_NODES": "r1:7000,r2:7001",
+                               "DATABASE_URL": "postgresql://db/autogpt"})
         self.assertEqual(settings.redis_cluster_nodes, ("r1:7000", "r2:7001"))
         self.refused("redis_cluster_nodes", env={**NO_AUTH, "REDIS_CLUSTER_NODES": "r1"}, contains="host:port")
 
