@@ -283,6 +283,12 @@ class Sources(Base):
         self.assertEqual(on_disk, config.render_yaml(),
                          "config.yaml is stale: python -m autogpt_ws.config --yaml > config.yaml")
 
+    def test_readme_table_is_generated_text(self) -> None:
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+            readme = handle.read()
+        self.assertIn(config.render_markdown(), readme,
+                      "README configuration table is stale: python -m autogpt_ws.config --markdown")
+
     def test_config_yaml_loads_to_defaults(self) -> None:
         path = os.path.join(ROOT, "config.yaml")
         with open(path, encoding="utf-8") as handle:
