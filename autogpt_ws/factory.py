@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from . import __version__
 from .auth import TokenVerifier
 from .config import Settings
+from .flush import Flusher
 from .hub import Hub
 from .metrics import Stats
 from .origins import OriginList
@@ -128,6 +129,7 @@ class WebsocketFactory(WebSocketServerFactory):
         self._drained: list[Deferred[None]] = []
         self.admission = Admission(settings, lambda: len(self.sockets))
         self._batched_timer = ExactTimer(reactor)
+        self.flusher = Flusher(reactor)
         self.setProtocolOptions(
             webStatus=False,
             allowNullOrigin=True,  # the Origin policy is ours (Admission): "null" is refused there unless listed

@@ -31,7 +31,9 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import lazylog
 from .auth import AuthFailure, Identity
+from .flush import send_direct
 from .limits import TokenBucket, descriptor_of, unsent_bytes
 from .session import Session
 from .wire import ERR_RATE_LIMITED, OutFrame, error
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from .factory import WebsocketFactory
 
 log = Logger()
+lazylog.install()
 
 STATE_OPEN = _WS.STATE_OPEN
 
@@ -85,6 +88,9 @@ class ServerProtocol(WebSocketServerProtocol):
     _busy: Deferred[None] | None = None
     _inbox: deque[bytes] | None = None
     _bucket: TokenBucket | None = None
+    _out: list[bytes] | None = None  # frames pushed this reactor turn, not yet written
+    _queued = 0  # their bytes
+    _room = 0  # bytes the bound allowed when the first of them was queued
 
     # -- connection ---------------------------------------------------------
 
@@ -128,6 +134,7 @@ class ServerProtocol(WebSocketServerProtocol):
             code = self.localCloseCode if self.closedByMe else self.remoteCloseCode
             stats.sockets_closed[str(code) if code else "1006"] += 1
         self._inbox = None
+        self._out = None
         factory.socket_closed(self)
 
     # IPushProducer: the transport tells us when its buffer fills and drains
@@ -295,19 +302,58 @@ class ServerProtocol(WebSocketServerProtocol):
     # -- outbound -----------------------------------------------------------
 
     def push(self, frame: OutFrame) -> None:
-        """Write a frame built for many sockets. Raw write of the shared
-        framing unless this socket compresses."""
+        """Write a frame built for many sockets: its shared framing, queued
+        for one write per reactor turn on plain TCP (:mod:`flush`); written
+        at once while the client is behind, or compressed per socket."""
         if self.state != STATE_OPEN or (self._paused and self._over_limit()):
             return
         if self._deflate:
             self.sendMessage(frame.payload)
             if self._paused:
                 self._backlog += len(frame.payload)
-        else:
+            return
+        if self._paused:
             wire = frame.wire
             self.transport.write(wire)  # type: ignore[union-attr]
-            if self._paused:
-                self._backlog += len(wire)
+            self._backlog += len(wire)
+            return
+        wire = frame.wire
+        out = self._out
+        if out is None:
+            self._out = [wire]
+            self._queued = len(wire)
+            # what is queued counts against the bound, with what the
+            # transport already holds
+            self._room = self.factory.settings.max_send_buffer - self.unsent()
+            self.factory.flusher.mark(self)
+        else:
+            out.append(wire)
+            self._queued += len(wire)
+        if self._queued > self._room:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what :meth:`push` queued, in one piece."""
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        transport: Any = self.transport
+        if transport is None or self.state == _WS.STATE_CLOSED:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        descriptor = self._descriptor
+        if descriptor is transport:  # plain TCP: try the kernel first
+            data = send_direct(descriptor, data)
+        if data:
+            transport.write(data)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Every frame Autobahn writes (replies, pings, close) goes after
+        the events already queued for this socket."""
+        if self._out is not None:
+            self.flush()
+        super().sendData(data, sync, chopsize)
 
     def _slow_consumer(self) -> None:
         self.factory.stats.slow_consumer_closes += 1

@@ -43,6 +43,24 @@ class Router:
         self.graph_events = graph_events
         self._observe = observe_latency
         self._timer = timer
+        # users with a socket here, as the bytes channels carry them
+        self._users: set[bytes] = {user.encode("utf-8") for user in hub.users()}
+        self._exec_prefix = (layout.exec_bus + "/").encode("utf-8")
+        hub.watch(self)
+
+    # -- HubWatcher: which users have a socket here ---------------------------
+
+    def user_added(self, user_id: str) -> None:
+        self._users.add(user_id.encode("utf-8"))
+
+    def user_removed(self, user_id: str) -> None:
+        self._users.discard(user_id.encode("utf-8"))
+
+    def key_added(self, key: str) -> None:
+        pass
+
+    def key_removed(self, key: str) -> None:
+        pass
 
     # -- entry points for the buses -----------------------------------------
 
@@ -55,6 +73,24 @@ class Router:
             self.execution(parsed, data, sharded=False)
         else:
             self.notification(parsed.user_id, data)
+
+    def classic_bytes(self, channel: bytes, data: bytes) -> None:
+        """The classic Redis bus's entry point: an execution event of a user
+        with no socket here is counted and dropped from the channel bytes
+        alone (no channel decoding or parsing, no keys built), unless the
+        catch-up cache may want it (it could be a graph event).  Same
+        outcome as :meth:`classic`, which handles everything else."""
+        prefix = self._exec_prefix
+        if channel.startswith(prefix):
+            start = len(prefix)
+            end = channel.find(b"/", start)
+            if (end > start and channel.count(b"/", start) == 2 and channel[start:end] not in self._users
+                    and (self.graph_events is None or GRAPH_MARK not in data)):
+                stats = self.stats
+                stats.events_received += 1
+                stats.events_ignored += 1
+                return
+        self.classic(channel.decode("utf-8", "replace"), data)
 
     def sharded(self, channel: str, data: bytes) -> None:
         """A message from the sharded (SSUBSCRIBE) cluster bus."""

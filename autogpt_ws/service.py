@@ -166,6 +166,7 @@ class WebsocketServer(MultiService):
             # bound (privilegedStartService) even if never started
             yield maybeDeferred(self.listener.stopService)
         yield self.factory.close_all(self.settings.shutdown_timeout)
+        self.factory.flusher.flush_all()  # no write left queued, no call left pending
         for child in reversed(list(self)):
             if child is not self.listener and child.running:
                 try:

@@ -110,7 +110,11 @@ def reuse_port_endpoint(description: str, reactor: Any, port: int | None = None)
     tls = getattr(endpoint, "_sslContextFactory", None)
     if not hasattr(endpoint, "_port") or not hasattr(endpoint, "_interface"):
         raise ValueError(f"{description!r}: only tcp, tcp6 and ssl endpoints can be shared by workers")
-    backlog = int(getattr(endpoint, "_backlog", DEFAULT_BACKLOG))
+    # Twisted's default listen(2) backlog is 50: a reconnect storm (every
+    # client of a restarted server back within a second) overflows it and
+    # the kernel drops SYNs, which clients retry only after 1 s, then 3 s.
+    # Workers exist for load: unless the string names one, use 1024.
+    backlog = int(getattr(endpoint, "_backlog", DEFAULT_BACKLOG)) if "backlog=" in description else DEFAULT_BACKLOG
     return ReusePortEndpoint(reactor, endpoint._port if port is None else port,
                              backlog, endpoint._interface, tls)
 

@@ -10,9 +10,10 @@ server itself; each patch is the measured form of a proposal in
 benchmarks/RESULTS.md ("Where the time goes").
 
 * ``pformat``: Autobahn calls ``pprint.pformat`` eagerly for two debug log
-  lines per connection (``_connectionMade``, ``startHandshake``), whatever
-  the log level.  Patch: a lazy pformat, formatted only if a debug line is
-  really emitted.
+  lines per connection (``_connectionMade``, ``startHandshake``), and
+  ``hltype``/``hlval`` (qualified names, ANSI colouring) for debug lines on
+  every ``sendData``, handshake and frame, whatever the log level.  Patch:
+  lazy versions, formatted only if a debug line is really emitted.
 * ``ignore``: drop an execution event whose user has no socket on this
   server from the channel bytes alone (one ``find`` and a set lookup),
   before decoding the channel, parsing it, building keys or scanning the
@@ -55,10 +56,33 @@ class _LazyFormat:
     __repr__ = __str__
 
 
+class _LazyCall:
+    """``f(*args)`` computed only when formatted into an emitted log line."""
+
+    __slots__ = ("f", "args")
+
+    def __init__(self, f: Any, *args: Any) -> None:
+        self.f = f
+        self.args = args
+
+    def __format__(self, spec: str) -> str:
+        return format(self.f(*self.args), spec)
+
+    def __str__(self) -> str:
+        return str(self.f(*self.args))
+
+    __repr__ = __str__
+
+
 def patch_pformat() -> None:
+    import autobahn.twisted.websocket as abt
+    import autobahn.util as abu
     import autobahn.websocket.protocol as abp
 
     abp.pformat = _LazyFormat  # type: ignore[assignment]
+    for module in (abp, abt):
+        module.hltype = lambda obj: _LazyCall(abu.hltype, obj)  # type: ignore[attr-defined]
+        module.hlval = lambda *a, **k: _LazyCall(lambda: abu.hlval(*a, **k))  # type: ignore[attr-defined]
 
 
 def patch_ignore() -> None:
@@ -100,10 +124,13 @@ def patch_ignore() -> None:
         stats = router.stats
         prefix = (router.layout.exec_bus + "/").encode("utf-8")
         start = len(prefix)
+        slashes = prefix.count(b"/") + 2
         catchup = router.graph_events is not None
 
         def on_message(kind: bytes, channel: bytes, data: bytes) -> None:
-            if channel.startswith(prefix):
+            # only the exact layout <exec_bus>/<user>/<graph>/<exec> takes
+            # the fast path; anything else is the router's to count
+            if channel.startswith(prefix) and channel.count(b"/") == slashes:
                 end = channel.find(b"/", start)
                 if end > start and channel[start:end] not in users and (
                         not catchup or data.startswith(NODE_HEAD) or GRAPH_MARK not in data):
@@ -136,7 +163,7 @@ def patch_coalesce() -> None:
         if t is None or p.state != OPEN:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
-        if not getattr(t, "TLS", True) and not t.dataBuffer and not t._tempDataLen and t.connected:
+        if not t.dataBuffer and not t._tempDataLen and t.connected:
             try:
                 sent = t.socket.send(data)
             except BlockingIOError:
@@ -157,20 +184,34 @@ def patch_coalesce() -> None:
                 flush_one(p)
 
     def push(self: Any, frame: Any) -> None:
-        if self._deflate:
+        t = self.transport
+        if (self._deflate or self._paused or getattr(t, "TLS", True)
+                or (self._bench_out is None and (t.dataBuffer or t._tempDataLen))):
+            # compressing, TLS, not plain TCP, or a client with output
+            # already waiting in the transport: today's path, exactly
+            # (bound checks included), after whatever this socket queued
+            if self._bench_out is not None:
+                flush_one(self)
             original_push(self, frame)
             return
-        if self.state != OPEN or (self._paused and self._over_limit()):
+        if self.state != OPEN:
             return
+        wire = frame.wire
         out = self._bench_out
         if out is None:
-            self._bench_out = [frame.wire]
+            self._bench_out = [wire]
+            self._bench_queued = len(wire)
             dirty.append(self)
             if not state["scheduled"]:
                 state["scheduled"] = True
                 reactor.callLater(0, flush)
         else:
-            out.append(frame.wire)
+            out.append(wire)
+            self._bench_queued += len(wire)
+        if self._bench_queued >= self.transport.bufferSize:
+            # a transport buffer's worth: hand it over now, so the transport
+            # pauses this producer as it does today
+            flush_one(self)
 
     def sendData(self: Any, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if self._bench_out is not None:
@@ -178,13 +219,71 @@ def patch_coalesce() -> None:
         original_send_data(self, data, sync, chopsize)
 
     SP._bench_out = None
+    SP._bench_queued = 0
     SP.push = push  # type: ignore[method-assign]
     SP.sendData = sendData  # type: ignore[method-assign]
 
 
+def patch_sniff() -> None:
+    """``GET /ws...`` goes straight to the Autobahn factory (which parses
+    the request head itself); anything else to twisted.web as today.  Saves
+    twisted.web's Request (header objects, content buffer, render, access
+    log) and WebSocketResource's re-serialisation of the request."""
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.tcp import Server as TCPServer
+
+    from autogpt_ws import web
+
+    site_build = web.QuietSite.buildProtocol
+    MAX_HEAD_LINE = 8192
+
+    class Sniff(Protocol):
+        def __init__(self, site: Any, addr: Any) -> None:
+            self.site = site
+            self.addr = addr
+            self.buf = b""
+
+        deadline: Any = None
+
+        def connectionMade(self) -> None:
+            # a client that sends nothing is dropped after the handshake
+            # timeout, as HeadDeadlineChannel does today
+            timeout = self.site.timeOut
+            if timeout:
+                self.deadline = self.site.reactor.callLater(timeout, self.transport.abortConnection)
+
+        def dataReceived(self, data: bytes) -> None:
+            buf = self.buf + data
+            end = buf.find(b"\r\n")
+            if end < 0 and len(buf) < MAX_HEAD_LINE:
+                self.buf = buf
+                return
+            if self.deadline is not None and self.deadline.active():
+                self.deadline.cancel()
+            transport = self.transport
+            if buf.startswith((b"GET /ws ", b"GET /ws?")) and isinstance(transport, TCPServer):
+                ws_factory = self.site.resource._websocket._factory
+                proto = ws_factory.buildProtocol(self.addr)
+            else:
+                proto = site_build(self.site, self.addr)
+            transport.protocol = proto
+            proto.makeConnection(transport)
+            proto.dataReceived(buf)
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if self.deadline is not None and self.deadline.active():
+                self.deadline.cancel()
+
+    def buildProtocol(self: Any, addr: Any) -> Any:
+        return Sniff(self, addr)
+
+    web.QuietSite.buildProtocol = buildProtocol  # type: ignore[method-assign]
+
+
 def main() -> int:
     for name in sorted(PATCHES):
-        {"pformat": patch_pformat, "ignore": patch_ignore, "coalesce": patch_coalesce}[name]()
+        {"pformat": patch_pformat, "ignore": patch_ignore, "coalesce": patch_coalesce,
+         "sniff": patch_sniff}[name]()
     from autogpt_ws.cli import main as cli_main
 
     return cli_main(sys.argv[1:])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The autogpt-ws benchmark suite: one command, a table of ratios.
 
-    python benchmarks/run.py [--quick] [--peer] [--runs N] [--only burst,latency,...]
+    python benchmarks/run.py [--quick] [--peer] [--runs N] [--only fanout,ignored,setup,storm,memory,workers]
 
 Starts its own redis-server on a free loopback port, our server (and with
 ``--peer`` the reference peer of ../shared/bench, in a venv it makes under
@@ -92,10 +92,33 @@ def pinned(core: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", core, *argv] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() >= 2 else argv
 
 
-def cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15)
+def cpu_ticks(pid: int) -> float:
+    """CPU time of a process in clock ticks (1/HZ s): nanosecond run time
+    summed over its threads (/proc/PID/task/*/schedstat), else utime+stime
+    from /proc/PID/stat (cpuof.sh's measure, 10 ms resolution)."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                total += int(handle.read().split()[0])
+        return total * HZ / 1e9
+    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as handle:
+                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(name))
+            except (OSError, ValueError):
+                pass
+    return found
 
 
 def rss_bytes(pid: int) -> int:
@@ -165,32 +188,46 @@ class Redis:
 class Server:
     """One server process pinned to the server core."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, redis: Redis, logdir: str) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, redis: Redis, logdir: str,
+                 processes: int = 1, cores: str = SERVER_CORE) -> None:
         self.name = name
+        self.processes = processes
         self.port = port
         self.log_path = os.path.join(logdir, f"{name}-{port}.log")
         self.log = open(self.log_path, "wb")
         subs_before = redis_subscribers(redis.port)
-        self.proc = subprocess.Popen(pinned(SERVER_CORE, argv), env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(pinned(cores, argv), env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=ROOT, start_new_session=True)
         wait_port(port)
         deadline = time.monotonic() + 20
-        while redis_subscribers(redis.port) <= subs_before:
+        while redis_subscribers(redis.port) < subs_before + processes:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} never subscribed to Redis (see {self.log_path})")
             time.sleep(0.05)
+
+        self.pids = [self.proc.pid] + (children_of(self.proc.pid) if processes > 1 else [])
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    def cpu(self) -> float:
+        """CPU ticks of the server: its process, and its workers if any."""
+        total = 0.0
+        for pid in self.pids:
+            try:
+                total += cpu_ticks(pid)
+            except OSError:
+                pass
+        return total
+
     def settle(self, quiet_ms: int = 200, cap: float = 10.0) -> None:
         """Wait until the server spends less than a tick per quiet_ms."""
         deadline = time.monotonic() + cap
-        last = cpu_ticks(self.pid)
+        last = self.cpu()
         while time.monotonic() < deadline:
             time.sleep(quiet_ms / 1000)
-            now = cpu_ticks(self.pid)
+            now = self.cpu()
             if now - last <= 1:
                 return
             last = now
@@ -206,7 +243,8 @@ class Server:
         self.log.close()
 
 
-def ours(port: int, redis: Redis, logdir: str, extra: list[str], patches: str = "") -> Server:
+def ours(port: int, redis: Redis, logdir: str, extra: list[str], patches: str = "", workers: int = 1,
+         cores: str = SERVER_CORE) -> Server:
     """Our server (ws.py); with ``patches``, benchmarks/experiments.py with
     those monkeypatches applied (named "patched")."""
     env = dict(os.environ)
@@ -228,7 +266,10 @@ def ours(port: int, redis: Redis, logdir: str, extra: list[str], patches: str = 
     where = (["--listen", f"tcp:{port}:interface=127.0.0.1:backlog=1024"] if "backlog" in names
              else ["--host", "127.0.0.1", "--port", str(port)])
     argv = [python, script, *where, *extra]
-    return Server("patched" if patches else "ours", argv, env, port, redis, logdir)
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    name = "patched" if patches else "ours"
+    return Server(name if workers == 1 else f"{name}-{workers}w", argv, env, port, redis, logdir, workers, cores)
 
 
 def peer(port: int, redis: Redis, logdir: str) -> Server:
@@ -263,6 +304,12 @@ class Client:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         ready = self._read()
         assert ready.get("ready"), ready
+        # one socket must open and subscribe, or nothing below means anything
+        probe = self.run(cmd="open", n=1, channels=1, conc=1, attempts=1)
+        self.run(cmd="closeall")
+        if probe["acked"] != 1:
+            self.close()
+            raise RuntimeError(f"{server.name} does not accept a subscription (see {server.log_path})")
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -275,12 +322,11 @@ class Client:
         """Send one command; return its answer plus the server's CPU
         seconds, wall seconds and RSS change over it."""
         assert self.proc.stdin is not None
-        pid = self.server.pid
-        t0, c0, r0 = time.monotonic(), cpu_ticks(pid), cpu_ticks(self.redis.proc.pid)
+        t0, c0, r0 = time.monotonic(), self.server.cpu(), cpu_ticks(self.redis.proc.pid)
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         out = self._read()
-        out["server_cpu_s"] = (cpu_ticks(pid) - c0) / HZ
+        out["server_cpu_s"] = (self.server.cpu() - c0) / HZ
         out["redis_cpu_s"] = (cpu_ticks(self.redis.proc.pid) - r0) / HZ
         out["server_wall_s"] = time.monotonic() - t0
         if "error" in out:
@@ -437,6 +483,39 @@ def memory(make: Any, redis: Redis, s: Sizes, log: Any) -> dict[str, list[float]
     return res
 
 
+def workers(make: Any, redis: Redis, s: Sizes, log: Any) -> dict[str, list[float]]:
+    """Fan-out burst with 1 and with 2 workers (SO_REUSEPORT) on the
+    workers' cores.  Throughput scaling needs a core per worker plus the
+    client's: on a 2-core machine both runs share one core, and what
+    stays meaningful is the efficiency (deliveries per server CPU-second,
+    all workers summed)."""
+    res: dict[str, list[float]] = {k: [] for k in (
+        "w1_msgs_per_s", "w2_msgs_per_s", "w1_per_cpu_s", "w2_per_cpu_s", "workers_scaling", "workers_efficiency")}
+    for n in (1, 2):
+        server = make(n)
+        c = Client(server, redis)
+        try:
+            c.run(cmd="open", n=s.conns, channels=s.channels, conc=200)
+            server.settle()
+            for i in range(s.runs + 1):
+                out = c.run(cmd="burst", events=s.burst_events, channels=s.channels)
+                per_cpu = out["received"] / max(out["server_cpu_s"], 1 / HZ)
+                log(f"  {n} worker{'s' if n > 1 else ''} burst {'warm-up' if i == 0 else i}: {out['msgs_per_s']} msgs/s, "
+                    f"{per_cpu:,.0f} per server cpu-s")
+                if i:
+                    res[f"w{n}_msgs_per_s"].append(out["msgs_per_s"])
+                    res[f"w{n}_per_cpu_s"].append(per_cpu)
+                server.settle()
+        finally:
+            c.close()
+            server.stop()
+    for a, b in zip(res["w1_msgs_per_s"], res["w2_msgs_per_s"]):
+        res["workers_scaling"].append(b / a)
+    for a, b in zip(res["w1_per_cpu_s"], res["w2_per_cpu_s"]):
+        res["workers_efficiency"].append(b / a)
+    return res
+
+
 # -- the table -----------------------------------------------------------------
 
 ROWS = [
@@ -457,6 +536,10 @@ ROWS = [
     ("setup_per_s", "  connection setup rate, wall clock", "conn/s", "high", "{:,.0f}"),
     ("setup_client_cpu_pct", "  client core busy during setup", "%", "", "{:.0f}"),
     ("storm_all_back_s", "reconnect storm: all back and subscribed after", "s", "low", "{:.2f}"),
+    ("w1_msgs_per_s", "workers: 1 worker, burst msgs/s", "msg/s", "high", "{:,.0f}"),
+    ("w2_msgs_per_s", "workers: 2 workers, burst msgs/s", "msg/s", "high", "{:,.0f}"),
+    ("workers_scaling", "workers: 2 workers / 1 worker, msgs/s", "x", "high", "{:.2f}"),
+    ("workers_efficiency", "workers: 2 / 1, deliveries per server CPU-s", "x", "high", "{:.2f}"),
 ]
 
 
@@ -494,7 +577,8 @@ def table(results: dict[str, dict[str, list[float]]], sizes: Sizes) -> str:
 
 # -- main ----------------------------------------------------------------------
 
-SCENARIOS = ("fanout", "ignored", "setup", "storm", "memory")
+SCENARIOS = ("fanout", "ignored", "setup", "storm", "memory", "workers")
+DEFAULT_SCENARIOS = ("fanout", "ignored", "setup", "storm", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,7 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, 2 runs: about 1-2 minutes")
     p.add_argument("--peer", action="store_true", help="also run the reference peer (../shared/bench)")
     p.add_argument("--runs", type=int, help="measured runs per scenario (after one warm-up)")
-    p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_SCENARIOS),
+                   help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all but workers)")
+    p.add_argument("--workers-cores", default=None,
+                   help="cores for the workers scenario (default: every core but the client's)")
     p.add_argument("--ours-arg", action="append", default=[], help="extra argument for our server (repeatable), "
                                                                       "e.g. --ours-arg=--set --ours-arg=catchup_enabled=false")
     p.add_argument("--no-ours", action="store_true", help="skip our server as it is")
@@ -581,6 +668,14 @@ def main(argv: list[str] | None = None) -> int:
                     server.stop()
             if "memory" in only:
                 res.update(memory(make, redis, sizes, log))
+            if "workers" in only and name == "ours":
+                cores = args.workers_cores or ",".join(
+                    str(c) for c in sorted(os.sched_getaffinity(0)) if str(c) != CLIENT_CORE) or SERVER_CORE
+                if len(cores.split(",")) < 2:
+                    log(f"  workers: only core {cores} is free for the server: 1 and 2 workers share it, "
+                        "so compare efficiency, not throughput")
+                res.update(workers(lambda n: ours(free_port(), redis, logdir, args.ours_arg, workers=n, cores=cores),
+                                   redis, sizes, log))
     finally:
         redis.stop()
     load_after = os.getloadavg()

@@ -304,11 +304,11 @@ class RedisBus(Service):
     # -- the hot path ----------------------------------------------------------
 
     def _message_handler(self) -> Callable[[bytes, bytes, bytes], None]:
-        classic = self.router.classic
+        classic = self.router.classic_bytes
 
         def on_message(kind: bytes, channel: bytes, data: bytes) -> None:
             try:
-                classic(channel.decode("utf-8", "replace"), data)
+                classic(channel, data)
             except Exception:  # a bug must not cut the stream
                 log.failure("routing a message from {channel!r} failed", channel=channel)
 

@@ -1,0 +1,157 @@
+"""The hot paths: ignored events dropped from the channel bytes alone,
+frames coalesced into one write per socket per turn, Autobahn's debug
+formatting made lazy.  Behaviour only; speed is for benchmarks/."""
+
+import json
+from typing import Any
+
+import autobahn.twisted.websocket as twisted_websocket
+import autobahn.websocket.protocol as websocket_protocol
+from autobahn.util import hltype
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from autogpt_ws import lazylog, publish, wire
+from autogpt_ws.bus.channels import Layout
+from autogpt_ws.hub import Hub
+from autogpt_ws.metrics import Stats
+from autogpt_ws.router import Router
+from tests.helpers import U, connect, sleep, start_server
+
+LAYOUT = Layout()
+
+
+class Sink:
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.keys: set[str] = set()
+        self.frames: list[bytes] = []
+
+    def push(self, frame: wire.OutFrame) -> None:
+        self.frames.append(frame.payload)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, str, str, str, bytes]] = []
+
+    def record(self, *args: Any) -> None:
+        self.recorded.append(args)
+
+
+def node(user: str, exec_id: str = "e1") -> tuple[bytes, bytes]:
+    event = publish.node_event(user, "g1", exec_id, "ne", "RUNNING")
+    return LAYOUT.classic_exec(user, "g1", exec_id).encode(), publish.envelope(event)
+
+
+class IgnoredFromChannelBytes(TestCase):
+    def setUp(self) -> None:
+        self.hub, self.stats = Hub(), Stats()
+        self.opened = 0
+        original = wire.open_envelope
+
+        def counting(data: bytes) -> Any:
+            self.opened += 1
+            return original(data)
+
+        self.patch(wire, "open_envelope", counting)
+
+    def test_user_with_no_socket_is_not_decoded(self) -> None:
+        router = Router(self.hub, self.stats, LAYOUT)
+        for index in range(50):
+            router.classic_bytes(*node(f"stranger-{index}"))
+        self.assertEqual((self.stats.events_received, self.stats.events_ignored, self.opened), (50, 50, 0))
+
+    def test_users_are_tracked_as_sockets_come_and_go(self) -> None:
+        router = Router(self.hub, self.stats, LAYOUT)
+        sink = Sink("alice")
+        self.hub.attach(sink)
+        self.hub.subscribe(sink, wire.exec_key("alice", "e1"))
+        router.classic_bytes(*node("alice"))
+        self.assertEqual(len(sink.frames), 1)
+        self.hub.detach(sink)
+        router.classic_bytes(*node("alice"))
+        self.assertEqual((self.stats.events_ignored, self.opened), (1, 1))
+
+    def test_graph_events_of_absent_users_still_reach_the_cache(self) -> None:
+        cache = Recorder()
+        router = Router(self.hub, self.stats, LAYOUT, graph_events=cache)
+        event = publish.graph_event("bob", "g1", "e9", "COMPLETED")
+        router.classic_bytes(LAYOUT.classic_exec("bob", "g1", "e9").encode(), publish.envelope(event))
+        router.classic_bytes(*node("bob"))  # a node event of the same absent user: skipped undecoded
+        self.assertEqual([r[:4] for r in cache.recorded], [("bob", "g1", "e9", "COMPLETED")])
+        self.assertEqual(self.opened, 1)
+
+    def test_odd_channels_take_the_full_path(self) -> None:
+        router = Router(self.hub, self.stats, LAYOUT)
+        router.classic_bytes(b"execution_event/u/g/e/extra", b"{}")
+        router.classic_bytes(b"notification_event/nobody", b"{}")
+        self.assertEqual(self.stats.events_dropped["bad_channel"], 1)
+        self.assertEqual(self.stats.events_ignored, 1)  # the notification: nobody here
+
+
+class OneWritePerTurn(TestCase):
+    @inlineCallbacks
+    def test_frames_of_one_turn_leave_together_and_in_order(self) -> None:
+        server = start_server(self, catchup_enabled=False)
+        client = yield connect(server.port, test=self)
+        yield client.request('{"method":"subscribe_graph_execution","data":{"graph_exec_id":"e1"}}')
+        (proto,) = server.factory.sockets
+        writes: list[bytes] = []
+        real_write = proto.transport.write
+        self.patch(proto.transport, "write", lambda data: (writes.append(data), real_write(data)))
+        sent: list[int] = []
+        self.patch(proto.transport, "socket", _CountingSocket(proto.transport.socket, sent))
+        for index in range(50):
+            server.bus.publish(LAYOUT.classic_exec(U, "g1", "e1"),
+                               publish.envelope(publish.node_event(U, "g1", "e1", f"ne-{index}", "RUNNING")))
+        self.assertEqual(len(proto._out), 50)  # queued, nothing written yet this turn
+        yield client.message(50)
+        self.assertEqual(len(sent) + len(writes), 1, "one write for the turn's 50 frames")
+        received = [json.loads(m)["data"]["node_exec_id"] for m in client.messages[1:]]
+        self.assertEqual(received, [f"ne-{i}" for i in range(50)])
+
+    @inlineCallbacks
+    def test_a_reply_goes_after_the_events_queued_before_it(self) -> None:
+        server = start_server(self, catchup_enabled=False)
+        client = yield connect(server.port, test=self)
+        yield client.request('{"method":"subscribe_graph_execution","data":{"graph_exec_id":"e1"}}')
+        (proto,) = server.factory.sockets
+        server.bus.publish(LAYOUT.classic_exec(U, "g1", "e1"),
+                           publish.envelope(publish.node_event(U, "g1", "e1", "ne-0", "RUNNING")))
+        proto.send_reply(wire.HEARTBEAT_REPLY)  # while the event is still queued
+        yield client.message(2)
+        self.assertEqual(json.loads(client.messages[1])["method"], "node_execution_event")
+        self.assertEqual(client.messages[2], wire.HEARTBEAT_REPLY)
+        yield sleep(0)
+
+
+class _CountingSocket:
+    def __init__(self, sock: Any, sent: list[int]) -> None:
+        self._sock = sock
+        self._sent = sent
+
+    def send(self, data: bytes) -> int:
+        self._sent.append(len(data))
+        return int(self._sock.send(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class LazyDebugFormatting(TestCase):
+    def test_autobahn_helpers_format_lazily_with_the_same_text(self) -> None:
+        lazylog.install()
+        lazylog.install()  # idempotent
+        for module in (websocket_protocol, twisted_websocket):
+            value = module.hltype(self.test_autobahn_helpers_format_lazily_with_the_same_text)
+            self.assertIsInstance(value, lazylog.Lazy)
+            self.assertEqual(f"{value}", hltype(self.test_autobahn_helpers_format_lazily_with_the_same_text))
+        self.assertEqual(str(websocket_protocol.pformat({"a": 1})), "{'a': 1}")
+
+    def test_nothing_is_computed_unless_formatted(self) -> None:
+        calls: list[int] = []
+        value = lazylog.lazy(lambda: calls.append(1) or "x")()
+        self.assertEqual(calls, [])
+        self.assertEqual(f"{value:>3}", "  x")
+        self.assertEqual(calls, [1])
