@@ -27,6 +27,7 @@ from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol as _WS
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
+from twisted.internet.tcp import Connection as TCPConnection
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,6 +91,7 @@ class ServerProtocol(WebSocketServerProtocol):
     _bucket: TokenBucket | None = None
     _out: list[bytes] | None = None  # frames pushed this reactor turn, not yet written
     _queued = 0  # their bytes
+    _plain_tcp = False  # the transport is a bare TCP socket (no TLS wrapper)
     _room = 0  # bytes the bound allowed when the first of them was queued
 
     # -- connection ---------------------------------------------------------
@@ -105,6 +107,7 @@ class ServerProtocol(WebSocketServerProtocol):
         transport: Any = self.transport
         transport.unregisterProducer()  # a no-op when none is registered
         transport.registerProducer(self, True)
+        self._plain_tcp = isinstance(transport, TCPConnection)
         descriptor = self._descriptor = descriptor_of(transport)
         bound = self.factory.settings.max_send_buffer
         if descriptor is not None and descriptor.bufferSize > bound:
@@ -342,9 +345,8 @@ class ServerProtocol(WebSocketServerProtocol):
         if transport is None or self.state == _WS.STATE_CLOSED:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
-        descriptor = self._descriptor
-        if descriptor is transport:  # plain TCP: try the kernel first
-            data = send_direct(descriptor, data)
+        if self._plain_tcp:  # try the kernel first (never under TLS: it would bypass encryption)
+            data = send_direct(transport, data)
         if data:
             transport.write(data)
 

@@ -81,7 +81,8 @@ class WebsocketServer(MultiService):
                                         catchup=self.catchup, resolver=getattr(self.bus, "resolver", None))
         root = Root(WebSocketResource(self.factory), self.ready,
                     self.metrics.render if settings.enable_metrics else None, settings.cors_allow_origins)
-        self.site = QuietSite(root, timeout=settings.open_handshake_timeout or None, reactor=reactor)
+        self.site = QuietSite(root, websocket=self.factory, timeout=settings.open_handshake_timeout or None,
+                              reactor=reactor)
         self.site.noisy = False
         self.factory.noisy = False
         self.listener: StreamServerEndpointService = strports.service(settings.endpoint, self.site, reactor=reactor)

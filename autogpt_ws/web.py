@@ -10,6 +10,8 @@ from typing import Any, Callable
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
@@ -170,13 +172,73 @@ class HeadDeadlineChannel(HTTPChannel):
         self.timeoutConnection()
 
 
+MAX_REQUEST_LINE = 8192
+UPGRADE_LINES = (b"GET /ws ", b"GET /ws?")
+
+
+class FrontDoor(Protocol):
+    """Reads a connection's request line, then hands the connection on:
+    ``GET /ws`` straight to the Autobahn factory (which parses the request
+    head itself), anything else to twisted.web.  The upgrade then skips
+    twisted.web's Request, its resource traversal and WebSocketResource's
+    re-serialisation of the request for Autobahn to parse again: most of
+    the cost of a connection.  The request line must arrive within the
+    Site timeout (open_handshake_timeout)."""
+
+    def __init__(self, site: "QuietSite", addr: Any) -> None:
+        self.site = site
+        self.addr = addr
+        self.buffer = b""
+        self.deadline: Any = None
+
+    def connectionMade(self) -> None:
+        if self.site.timeOut:
+            self.deadline = self.site.reactor.callLater(self.site.timeOut, self.transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self.buffer + data
+        if b"\r\n" not in buffer and len(buffer) < MAX_REQUEST_LINE:
+            self.buffer = buffer
+            return
+        self._stop_deadline()
+        if buffer.startswith(UPGRADE_LINES) and self.site.websocket is not None:
+            successor = self.site.websocket.buildProtocol(self.addr)
+        else:
+            successor = Site.buildProtocol(self.site, self.addr)
+        transport: Any = self.transport
+        if isinstance(transport, ProtocolWrapper):  # TLS
+            transport.wrappedProtocol = successor
+        else:
+            transport.protocol = successor
+        successor.makeConnection(transport)
+        successor.dataReceived(buffer)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._stop_deadline()
+
+    def _stop_deadline(self) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
+
+
 class QuietSite(Site):
-    """twisted.web's access log writes full URIs (tokens included) to the
-    legacy log; ours is a structured debug line with the query redacted.
-    Its channels enforce a deadline on the request head."""
+    """The one port: a :class:`FrontDoor` per connection, then twisted.web
+    for HTTP (and for ``/ws``, mounted as a WebSocketResource, whatever the
+    front door did not recognise).  twisted.web's access log writes full
+    URIs (tokens included) to the legacy log; ours is a structured debug
+    line with the query redacted.  Its channels enforce a deadline on the
+    request head."""
+
+    def __init__(self, resource: Any, websocket: Any = None, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.websocket = websocket
 
     def protocol(self) -> Any:  # type: ignore[override]
         return _GenericHTTPChannelProtocol(HeadDeadlineChannel())
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return FrontDoor(self, addr)
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         log.debug("{method} {uri} {code} {size}B", method=request.method.decode("latin-1"),

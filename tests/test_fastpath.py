@@ -3,6 +3,7 @@ frames coalesced into one write per socket per turn, Autobahn's debug
 formatting made lazy.  Behaviour only; speed is for benchmarks/."""
 
 import json
+import os
 from typing import Any
 
 import autobahn.twisted.websocket as twisted_websocket
@@ -155,3 +156,120 @@ class LazyDebugFormatting(TestCase):
         self.assertEqual(calls, [])
         self.assertEqual(f"{value:>3}", "  x")
         self.assertEqual(calls, [1])
+
+
+def self_signed(directory: str) -> tuple[str, str]:
+    """A key and a self-signed certificate for 127.0.0.1, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    with open(key_path, "wb") as handle:
+        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    with open(cert_path, "wb") as handle:
+        handle.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class FrontDoorRouting(TestCase):
+    @inlineCallbacks
+    def test_upgrade_skips_twisted_web(self) -> None:
+        server = start_server(self)
+        requests: list[Any] = []
+        factory = server.site.requestFactory
+        self.patch(server.site, "requestFactory", lambda *a, **k: requests.append(1) or factory(*a, **k))
+        client = yield connect(server.port, test=self)
+        reply = yield client.request('{"method":"heartbeat","data":"ping","success":true}')
+        self.assertEqual(reply, wire.HEARTBEAT_REPLY)
+        self.assertEqual(requests, [])
+        (proto,) = server.factory.sockets
+        self.assertIs(proto.transport.protocol, proto)
+        self.assertIs(proto.transport.producer, proto)
+
+    @inlineCallbacks
+    def test_other_requests_go_to_twisted_web(self) -> None:
+        from tests.helpers import http_get, raw_request, upgrade_request
+
+        server = start_server(self)
+        status, body = yield http_get(server.port, "/health")
+        self.assertEqual((status, body), (200, b'{"status":"healthy"}'))
+        status, _ = yield http_get(server.port, "/wsx")
+        self.assertEqual(status, 404)
+        # an upgrade for another path is twisted.web's: 404, not a socket
+        answer = yield raw_request(server.port, upgrade_request("/other"), until=lambda b: b"\r\n\r\n" in b)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 404"), answer[:40])
+
+    @inlineCallbacks
+    def test_request_line_split_across_packets(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+        from twisted.internet.protocol import Factory, Protocol
+
+        from tests.helpers import upgrade_request
+
+        server = start_server(self)
+        request = upgrade_request("/ws?token=x")
+
+        received: list[bytes] = []
+
+        class Slow(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        proto = yield TCP4ClientEndpoint(reactor, "127.0.0.1", server.port).connect(Factory.forProtocol(Slow))
+        for index in range(0, 12, 3):  # "GET /ws?toke" in four pieces
+            proto.transport.write(request[index:index + 3])
+            yield sleep(0.02)
+        proto.transport.write(request[12:])
+        for _ in range(200):
+            if b"\r\n\r\n" in b"".join(received):
+                break
+            yield sleep(0.01)
+        self.assertTrue(b"".join(received).startswith(b"HTTP/1.1 101"), received[:1])
+        proto.transport.abortConnection()
+        yield sleep(0.05)
+
+    @inlineCallbacks
+    def test_tls_listener(self) -> None:
+        from autobahn.twisted.websocket import WebSocketClientFactory
+        from twisted.internet import reactor, ssl
+        from twisted.internet.defer import Deferred
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+
+        from tests.helpers import Client, free_port, make_settings
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        key, cert = self_signed(directory)
+        port = free_port()
+        server = start_server(self, make_settings(listen=f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"))
+        with open(cert, "rb") as handle:
+            trust = ssl.Certificate.loadPEM(handle.read())
+        factory = WebSocketClientFactory(f"wss://127.0.0.1:{port}/ws", reactor=reactor)
+        factory.protocol = Client
+        factory.opened = Deferred()
+        factory.setProtocolOptions(autoPingInterval=0)
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, ssl.optionsForClientTLS("127.0.0.1", trust))
+        yield endpoint.connect(factory)
+        client = yield factory.opened
+        self.addCleanup(client.disconnect)
+        reply = yield client.request('{"method":"subscribe_graph_execution","data":{"graph_exec_id":"e1"}}')
+        self.assertIn(b'"success":true', reply)
+        server.bus.publish(LAYOUT.classic_exec(U, "g1", "e1"),
+                           publish.envelope(publish.node_event(U, "g1", "e1", "ne-0", "RUNNING")))
+        pushed = yield client.message(1)
+        self.assertIn(b'"node_exec_id":"ne-0"', pushed)
