@@ -54,6 +54,10 @@ class Identity:
 
 
 class TokenVerifier(Protocol):
+    """``verify`` may wait (a key set to fetch).  Verifiers that never wait
+    also offer ``verify_now(token) -> Identity`` (raising AuthFailure), which
+    the handshake uses to skip a Deferred per connection."""
+
     mode: str
 
     def verify(self, token: str | None) -> Deferred[Identity]: ...
@@ -101,7 +105,10 @@ class DisabledVerifier:
     mode = "disabled"
 
     def verify(self, token: str | None) -> Deferred[Identity]:
-        return succeed(Identity(DEFAULT_USER_ID))
+        return succeed(self.verify_now(token))
+
+    def verify_now(self, token: str | None) -> Identity:
+        return Identity(DEFAULT_USER_ID)
 
     def start(self) -> None:
         pass
@@ -119,12 +126,16 @@ class SecretVerifier:
         self._leeway = leeway
 
     def verify(self, token: str | None) -> Deferred[Identity]:
-        if not token:
-            return fail(missing())
         try:
-            return succeed(decode(token, self._key, self._algorithms, self._audience, self._leeway))
+            return succeed(self.verify_now(token))
         except AuthFailure as exc:
             return fail(exc)
+
+    def verify_now(self, token: str | None) -> Identity:
+        """Without waiting (no key to fetch); AuthFailure on failure."""
+        if not token:
+            raise missing()
+        return decode(token, self._key, self._algorithms, self._audience, self._leeway)
 
     def start(self) -> None:
         pass

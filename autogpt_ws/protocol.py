@@ -178,8 +178,15 @@ class ServerProtocol(WebSocketServerProtocol):
         # Autobahn's request.params drops blank values; "token=x&token=" must
         # read as the empty (missing) last token, as the AutoGPT server does
         query = urlsplit(self.http_request_uri).query
-        tokens = parse_qs(query, keep_blank_values=True).get("token") or [None]
-        d = factory.verifier.verify(tokens[-1])
+        token = (parse_qs(query, keep_blank_values=True).get("token") or [None])[-1]
+        verify_now = getattr(factory.verifier, "verify_now", None)
+        if verify_now is not None:  # no wait: no Deferred either
+            try:
+                self._authenticated(verify_now(token))
+            except Exception:
+                self._auth_failed(Failure())  # raises ConnectionDeny with auth_failure=http
+            return None
+        d = factory.verifier.verify(token)
         d.addCallbacks(self._authenticated, self._auth_failed)
         return d
 
@@ -351,10 +358,15 @@ class ServerProtocol(WebSocketServerProtocol):
             transport.write(data)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Every frame Autobahn writes (replies, pings, close) goes after
-        the events already queued for this socket."""
+        """Every frame Autobahn writes (the handshake answer, replies, pings,
+        close) goes after the events already queued for this socket, and
+        straight to the kernel on bare TCP when nothing is waiting."""
         if self._out is not None:
             self.flush()
+        if self._plain_tcp and not sync and not chopsize:
+            data = send_direct(self.transport, data)
+            if not data:
+                return
         super().sendData(data, sync, chopsize)
 
     def _slow_consumer(self) -> None:

@@ -26,6 +26,18 @@ log = Logger()
 GRAPH_MARK = b'"graph_execution_update"'
 
 
+# How producers write a node event: AutoGPT's (pydantic, the subclass field
+# last) and ours end with it; some clients put it first.
+NODE_TAIL = b'"event_type":"node_execution_update"}}'
+NODE_HEAD = b'{"payload":{"event_type":"node_execution_update"'
+
+
+def is_node_event(data: bytes) -> bool:
+    """Plainly a node event, from its first or last bytes: no need to scan
+    it for the catch-up cache."""
+    return data.endswith(NODE_TAIL) or data.startswith(NODE_HEAD)
+
+
 class GraphEventSink(Protocol):
     """Where graph events go besides sockets (the catch-up cache)."""
 
@@ -85,7 +97,7 @@ class Router:
             start = len(prefix)
             end = channel.find(b"/", start)
             if (end > start and channel.count(b"/", start) == 2 and channel[start:end] not in self._users
-                    and (self.graph_events is None or GRAPH_MARK not in data)):
+                    and (self.graph_events is None or is_node_event(data) or GRAPH_MARK not in data)):
                 stats = self.stats
                 stats.events_received += 1
                 stats.events_ignored += 1

@@ -9,6 +9,14 @@ measure a proposal before anyone edits the real modules.
 server itself; each patch is the measured form of a proposal in
 benchmarks/RESULTS.md ("Where the time goes").
 
+Status: ``pformat``, ``coalesce`` and ``sniff`` have landed (as
+``autogpt_ws/lazylog.py``, ``autogpt_ws/flush.py`` and ``web.FrontDoor``),
+so on today's tree those three patches replace the real implementation
+with this earlier form: use them only to reproduce the measurements of the
+code before.  ``ignore`` landed as ``Router.classic_bytes`` without the
+node-event shortcut; the patch here runs first and still measures that
+shortcut (see RESULTS.md).
+
 * ``pformat``: Autobahn calls ``pprint.pformat`` eagerly for two debug log
   lines per connection (``_connectionMade``, ``startHandshake``), and
   ``hltype``/``hlval`` (qualified names, ANSI colouring) for debug lines on
@@ -18,9 +26,10 @@ benchmarks/RESULTS.md ("Where the time goes").
   server from the channel bytes alone (one ``find`` and a set lookup),
   before decoding the channel, parsing it, building keys or scanning the
   payload.  Graph events still go to the catch-up cache: an event is
-  skipped only when it certainly is a node event (its envelope starts with
-  ``{"payload":{"event_type":"node_execution_update"``) or carries no
-  ``"graph_execution_update"`` at all.
+  skipped only when it certainly is a node event (``event_type`` is the
+  envelope's first or last key and says ``node_execution_update``: two
+  fixed-size compares) or carries no ``"graph_execution_update"`` at all
+  (a scan of the whole payload, the slow case).
 * ``coalesce``: ``push`` appends the shared frame to a per-socket list and
   marks the socket dirty; once per reactor turn (``callLater(0)``) each
   dirty socket gets one ``send()`` of everything queued for it, straight on
@@ -89,7 +98,11 @@ def patch_ignore() -> None:
     from autogpt_ws.bus import redis as redis_bus
     from autogpt_ws.router import GRAPH_MARK
 
+    # a node event for sure: event_type is the envelope's first key (as
+    # fanout.mjs writes it) or its last (as AutoGPT's pydantic models, and
+    # autogpt_ws.publish, write it: the subclass field comes last)
     NODE_HEAD = b'{"payload":{"event_type":"node_execution_update"'
+    NODE_TAIL = b'"event_type":"node_execution_update"}}'
     original = redis_bus.RedisBus._message_handler
 
     class UserSet:
@@ -133,7 +146,8 @@ def patch_ignore() -> None:
             if channel.startswith(prefix) and channel.count(b"/") == slashes:
                 end = channel.find(b"/", start)
                 if end > start and channel[start:end] not in users and (
-                        not catchup or data.startswith(NODE_HEAD) or GRAPH_MARK not in data):
+                        not catchup or data.startswith(NODE_HEAD) or data.endswith(NODE_TAIL)
+                        or GRAPH_MARK not in data):
                     stats.events_received += 1
                     stats.events_ignored += 1
                     return

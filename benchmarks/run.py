@@ -189,14 +189,14 @@ class Server:
     """One server process pinned to the server core."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, redis: Redis, logdir: str,
-                 processes: int = 1, cores: str = SERVER_CORE) -> None:
+                 processes: int = 1, cores: str | None = None) -> None:
         self.name = name
         self.processes = processes
         self.port = port
         self.log_path = os.path.join(logdir, f"{name}-{port}.log")
         self.log = open(self.log_path, "wb")
         subs_before = redis_subscribers(redis.port)
-        self.proc = subprocess.Popen(pinned(cores, argv), env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(pinned(cores or SERVER_CORE, argv), env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=ROOT, start_new_session=True)
         wait_port(port)
         deadline = time.monotonic() + 20
@@ -244,7 +244,7 @@ class Server:
 
 
 def ours(port: int, redis: Redis, logdir: str, extra: list[str], patches: str = "", workers: int = 1,
-         cores: str = SERVER_CORE) -> Server:
+         cores: str | None = None) -> Server:
     """Our server (ws.py); with ``patches``, benchmarks/experiments.py with
     those monkeypatches applied (named "patched")."""
     env = dict(os.environ)
@@ -582,12 +582,15 @@ DEFAULT_SCENARIOS = ("fanout", "ignored", "setup", "storm", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SERVER_CORE, CLIENT_CORE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, 2 runs: about 1-2 minutes")
     p.add_argument("--peer", action="store_true", help="also run the reference peer (../shared/bench)")
     p.add_argument("--runs", type=int, help="measured runs per scenario (after one warm-up)")
     p.add_argument("--only", default=",".join(DEFAULT_SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all but workers)")
+    p.add_argument("--server-core", default=SERVER_CORE, help="core(s) for the server under test (taskset -c)")
+    p.add_argument("--client-core", default=CLIENT_CORE, help="core(s) for the load client and Redis")
     p.add_argument("--workers-cores", default=None,
                    help="cores for the workers scenario (default: every core but the client's)")
     p.add_argument("--ours-arg", action="append", default=[], help="extra argument for our server (repeatable), "
@@ -600,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--" + f.replace("_", "-"), type=type(getattr(Sizes(), f)), help=f"(default {getattr(Sizes(), f)})")
     args = p.parse_args(argv)
 
+    SERVER_CORE, CLIENT_CORE = args.server_core, args.client_core
     sizes = Sizes(**(QUICK if args.quick else {}))
     for f in Sizes.__dataclass_fields__:
         value = getattr(args, f, None)

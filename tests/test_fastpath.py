@@ -273,3 +273,30 @@ class FrontDoorRouting(TestCase):
                            publish.envelope(publish.node_event(U, "g1", "e1", "ne-0", "RUNNING")))
         pushed = yield client.message(1)
         self.assertIn(b'"node_exec_id":"ne-0"', pushed)
+
+
+class NodeEventShape(TestCase):
+    def test_node_events_are_recognised_by_their_ends(self) -> None:
+        from autogpt_ws.router import is_node_event
+
+        ours = publish.envelope(publish.node_event(U, "g", "e", "n", "RUNNING"))  # event_type last, as AutoGPT
+        self.assertTrue(is_node_event(ours))
+        self.assertTrue(is_node_event(b'{"payload":{"event_type":"node_execution_update","user_id":"u"}}'))
+        self.assertFalse(is_node_event(publish.envelope(publish.graph_event(U, "g", "e", "RUNNING"))))
+        self.assertFalse(is_node_event(b'{"payload":{"user_id":"u"}}'))
+
+
+class VerifyWithoutWaiting(TestCase):
+    def test_secret_and_disabled_verifiers_answer_at_once(self) -> None:
+        from autogpt_ws.auth import AuthFailure, DisabledVerifier, SecretVerifier
+        from tests.helpers import SECRET, token
+
+        verifier = SecretVerifier(SECRET, "HS256", "authenticated", 0)
+        self.assertEqual(verifier.verify_now(token(sub="alice")).user_id, "alice")
+        with self.assertRaises(AuthFailure) as missing:
+            verifier.verify_now("")
+        self.assertEqual(missing.exception.code, 4001)
+        with self.assertRaises(AuthFailure) as bad:
+            verifier.verify_now(token(sub="alice", key="another-secret-that-is-long-enough-0123456789"))
+        self.assertEqual((bad.exception.code, bad.exception.reason), (4003, "Invalid token"))
+        self.assertEqual(DisabledVerifier().verify_now(None).user_id, U)
