@@ -37,7 +37,7 @@ from .auth import AuthFailure, Identity
 from .flush import send_direct
 from .limits import TokenBucket, descriptor_of, unsent_bytes
 from .session import Session
-from .wire import ERR_RATE_LIMITED, OutFrame, error
+from .wire import ERR_RATE_LIMITED, OutFrame, error, ws_text_frame
 
 if TYPE_CHECKING:
     from .factory import WebsocketFactory
@@ -305,9 +305,14 @@ class ServerProtocol(WebSocketServerProtocol):
         log.failure("failed to handle a frame of user {user_id}", failure, user_id=self.user_id)
 
     def send_reply(self, payload: bytes) -> None:
+        """A reply to this socket's frame: framed here (one unmasked text
+        frame, as Autobahn would) unless the socket compresses."""
         if self.state == STATE_OPEN and not (self._paused and self._over_limit()):
             self.factory.stats.replies_out += 1
-            self.sendMessage(payload)
+            if self._deflate:
+                self.sendMessage(payload)
+            else:
+                self.sendData(ws_text_frame(payload))
 
     # -- outbound -----------------------------------------------------------
 
