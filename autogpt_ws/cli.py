@@ -12,11 +12,10 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from twisted.python import usage
 
 from . import logs
 from .app import run_processes
-from .tap import Options, build
+from .tap import build, parse_or_none
 
 
 def _optional(module: str, name: str) -> Callable[..., int] | None:
@@ -39,11 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("autogpt-ws: the publish command is not available in this build\n")
             return 2
         return publish_main(argv[1:])
-    options = Options()
-    try:
-        options.parseOptions(argv)
-    except usage.UsageError as exc:
-        sys.stderr.write(f"autogpt-ws: {exc} (see autogpt-ws --help)\n")
+    options = parse_or_none(argv)
+    if options is None:
         return 2
     settings = options.settings
     assert settings is not None

@@ -79,6 +79,18 @@ class Options(usage.Options):
             parent["logger"] = f"{__name__}.twistd_observer"
 
 
+def parse_or_none(argv: list[str], program: str = "autogpt-ws") -> Options | None:
+    """Options parsed from ``argv``, or None after one line on stderr
+    (the caller exits 2).  A bad setting exits 2 from postOptions."""
+    options = Options()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as exc:
+        sys.stderr.write(f"{program}: {exc} (see {program} --help)\n")
+        return None
+    return options
+
+
 def load_or_exit(config: str | None, overrides: Mapping[str, Any],
                  env: Mapping[str, str] | None = None, stderr: IO[str] | None = None) -> Settings:
     """Settings, or one line on stderr and exit status 2."""

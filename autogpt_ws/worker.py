@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import sys
 
-from twisted.python import usage
 
 from . import logs
 from .app import run_processes
-from .tap import Options, build
+from .tap import build, parse_or_none
 from .workers import ENV_INDEX, ENV_PORT, ENV_SUPERVISOR, detach_from_terminal_group, use_reuse_port
 
 
@@ -23,11 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if os.environ.get(ENV_SUPERVISOR):
         detach_from_terminal_group()
-    options = Options()
-    try:
-        options.parseOptions(argv)
-    except usage.UsageError as exc:
-        sys.stderr.write(f"autogpt-ws worker: {exc}\n{options}")
+    options = parse_or_none(argv, "autogpt-ws worker")
+    if options is None:
         return 2
     settings = options.settings
     assert settings is not None

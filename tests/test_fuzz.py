@@ -18,7 +18,6 @@ import json
 import os
 import socket
 import struct
-from typing import Any
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import threads

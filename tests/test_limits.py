@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from autogpt_ws.limits import TokenBucket
 from tests.helpers import (
-    SECRET, U, HandshakeRefused, RawClient, raw_connect, server_side, sleep, start_server, token,
+    SECRET, U, HandshakeRefused, raw_connect, server_side, sleep, start_server, token,
 )
 
 HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'

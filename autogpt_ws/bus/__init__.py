@@ -9,7 +9,7 @@ the sharded SSUBSCRIBE channels of a Redis Cluster.
 from __future__ import annotations
 
 from twisted.application.service import IService
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute
 
 
 class IEventBus(IService):
