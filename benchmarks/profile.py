@@ -2,7 +2,7 @@
 """Where does our server spend its CPU?  py-spy on the server while the load
 client drives one scenario; prints self and inclusive time per function.
 
-    python benchmarks/profile.py burst|rate|ignored|setup [--events N] [--native] [--patches LIST]
+    python benchmarks/profile.py burst|rate|ignored|setup [--events N] [--native]
 
 Needs py-spy (``.venv/bin/pip install py-spy``).  Same pinning as run.py.
 Collapsed stacks go to benchmarks/results/profile-<scenario>.txt.
@@ -54,7 +54,6 @@ def main() -> int:
     p.add_argument("--native", action="store_true")
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--ours-arg", action="append", default=[])
-    p.add_argument("--patches", default="", help="experiments.py patches to apply, e.g. pformat,coalesce")
     args = p.parse_args()
     spy = shutil.which("py-spy") or os.path.join(run.ROOT, ".venv", "bin", "py-spy")
     os.makedirs(run.RESULTS, exist_ok=True)
@@ -62,7 +61,7 @@ def main() -> int:
     os.makedirs(logdir, exist_ok=True)
     run.raise_nofile()
     redis = run.Redis(logdir)
-    server = run.ours(run.free_port(), redis, logdir, args.ours_arg, args.patches)
+    server = run.ours(run.free_port(), redis, logdir, args.ours_arg)
     client = run.Client(server, redis)
     out_path = os.path.join(run.RESULTS, f"profile-{args.scenario}.txt")
     try:

@@ -243,10 +243,9 @@ class Server:
         self.log.close()
 
 
-def ours(port: int, redis: Redis, logdir: str, extra: list[str], patches: str = "", workers: int = 1,
+def ours(port: int, redis: Redis, logdir: str, extra: list[str], workers: int = 1,
          cores: str | None = None) -> Server:
-    """Our server (ws.py); with ``patches``, benchmarks/experiments.py with
-    those monkeypatches applied (named "patched")."""
+    """Our server (ws.py)."""
     env = dict(os.environ)
     env.update({
         "ENABLE_AUTH": "false", "EVENT_BUS": "redis", "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis.port),
@@ -259,17 +258,10 @@ def ours(port: int, redis: Redis, logdir: str, extra: list[str], patches: str = 
     python = os.path.join(ROOT, ".venv", "bin", "python")
     if not os.path.exists(python):
         python = sys.executable
-    script = os.path.join(HERE, "experiments.py") if patches else os.path.join(ROOT, "ws.py")
-    names = [p for p in patches.split(",") if p]
-    env["BENCH_PATCHES"] = ",".join(p for p in names if p != "backlog")
-    # "backlog": listen(2) backlog 1024 instead of Twisted's default of 50
-    where = (["--listen", f"tcp:{port}:interface=127.0.0.1:backlog=1024"] if "backlog" in names
-             else ["--host", "127.0.0.1", "--port", str(port)])
-    argv = [python, script, *where, *extra]
+    argv = [python, os.path.join(ROOT, "ws.py"), "--host", "127.0.0.1", "--port", str(port), *extra]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    name = "patched" if patches else "ours"
-    return Server(name if workers == 1 else f"{name}-{workers}w", argv, env, port, redis, logdir, workers, cores)
+    return Server("ours" if workers == 1 else f"ours-{workers}w", argv, env, port, redis, logdir, workers, cores)
 
 
 def peer(port: int, redis: Redis, logdir: str) -> Server:
@@ -596,8 +588,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ours-arg", action="append", default=[], help="extra argument for our server (repeatable), "
                                                                       "e.g. --ours-arg=--set --ours-arg=catchup_enabled=false")
     p.add_argument("--no-ours", action="store_true", help="skip our server as it is")
-    p.add_argument("--patched", default="", help="also run our server with these experiments.py patches "
-                                                 "(comma-separated: pformat,ignore,coalesce,backlog)")
     for f in Sizes.__dataclass_fields__:
         if f != "runs":
             p.add_argument("--" + f.replace("_", "-"), type=type(getattr(Sizes(), f)), help=f"(default {getattr(Sizes(), f)})")
@@ -644,8 +634,6 @@ def main(argv: list[str] | None = None) -> int:
     makers = {}
     if not args.no_ours:
         makers["ours"] = lambda: ours(free_port(), redis, logdir, args.ours_arg)
-    if args.patched:
-        makers["patched"] = lambda: ours(free_port(), redis, logdir, args.ours_arg, args.patched)
     if args.peer:
         makers["peer"] = lambda: peer(free_port(), redis, logdir)
     try:
