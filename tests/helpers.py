@@ -53,7 +53,35 @@ def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> An
         yield sleep(interval)
 
 
-class Client(WebSocketClientProtocol):
+class Replies:
+    """Waiting for messages, for a test client that appends every text
+    message to ``messages`` and answers ``_waiters`` as they come."""
+
+    messages: list[bytes]
+    _waiters: list[tuple[int, Deferred[bytes]]]
+
+    def send(self, payload: bytes | str) -> None:
+        raise NotImplementedError
+
+    def message(self, index: int, timeout: float = 5.0) -> Deferred[bytes]:
+        """The index-th message received (0-based), when it arrives."""
+        if index < len(self.messages):
+            return succeed(self.messages[index])
+        waiter: Deferred[bytes] = Deferred()
+        self._waiters.append((index, waiter))
+        waiter.addTimeout(timeout, reactor)
+        return waiter
+
+    @inlineCallbacks
+    def request(self, payload: bytes | str, timeout: float = 5.0) -> Any:
+        """Send a frame and return the next message."""
+        index = len(self.messages)
+        self.send(payload)
+        reply = yield self.message(index, timeout)
+        return reply
+
+
+class Client(Replies, WebSocketClientProtocol):
     """Collects every text frame; close code and reason when closed."""
 
     def onConnect(self, response: Any) -> None:
@@ -80,25 +108,8 @@ class Client(WebSocketClientProtocol):
         if not self.closed.called:
             self.closed.callback((code, reason))
 
-    def message(self, index: int, timeout: float = 5.0) -> Deferred[bytes]:
-        """The index-th message received (0-based), when it arrives."""
-        if index < len(self.messages):
-            return succeed(self.messages[index])
-        waiter: Deferred[bytes] = Deferred()
-        self._waiters.append((index, waiter))
-        waiter.addTimeout(timeout, reactor)
-        return waiter
-
     def send(self, payload: bytes | str) -> None:
         self.sendMessage(payload.encode() if isinstance(payload, str) else payload)
-
-    @inlineCallbacks
-    def request(self, payload: bytes | str, timeout: float = 5.0) -> Any:
-        """Send a frame and return the next message."""
-        index = len(self.messages)
-        self.send(payload)
-        reply = yield self.message(index, timeout)
-        return reply
 
     def disconnect(self) -> Deferred[Any]:
         if self.state == self.STATE_OPEN:
@@ -269,7 +280,7 @@ def raw_upgrade_request(path: str = "/ws", host: str = "127.0.0.1", headers: dic
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-class RawClient(_Protocol):
+class RawClient(Replies, _Protocol):
     """A minimal WebSocket client protocol written by hand: sends the upgrade,
     parses the server's frames, answers pings and closes unless told not to.
 
@@ -388,21 +399,6 @@ class RawClient(_Protocol):
     def send(self, payload: bytes | str, opcode: int = 0x1, fin: bool = True) -> None:
         data = payload.encode("utf-8") if isinstance(payload, str) else payload
         self.transport.write(ws_client_frame(data, opcode, fin))
-
-    def message(self, index: int, timeout: float = 5.0) -> Deferred[bytes]:
-        if index < len(self.messages):
-            return succeed(self.messages[index])
-        waiter: Deferred[bytes] = Deferred()
-        self._waiters.append((index, waiter))
-        waiter.addTimeout(timeout, reactor)
-        return waiter
-
-    @inlineCallbacks
-    def request(self, payload: bytes | str, timeout: float = 5.0) -> Any:
-        index = len(self.messages)
-        self.send(payload)
-        reply = yield self.message(index, timeout)
-        return reply
 
     def abort(self) -> Deferred[None]:
         """Drop the TCP connection now; fires when it is gone."""
@@ -847,3 +843,36 @@ class ClusterPublisher:
             if conn.connected and conn.transport is not None:
                 conn.transport.loseConnection()
         return _gatherResults(waits)
+
+
+class SilentServer:
+    """A loopback TCP server that accepts connections and never answers
+    (a Redis or a key-set URL that hangs). ``lost`` fires when the first
+    accepted connection goes away; cleanup aborts the rest and stops it."""
+
+    def __init__(self, test: TestCase) -> None:
+        from twisted.internet.protocol import Factory, Protocol
+
+        server = self
+        self.accepted: list[Any] = []
+        self.lost: Deferred[None] = Deferred()
+
+        class Silent(Protocol):
+            def connectionMade(self) -> None:
+                server.accepted.append(self)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                if not server.lost.called:
+                    server.lost.callback(None)
+
+        factory = Factory.forProtocol(Silent)
+        factory.noisy = False
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.port: int = listening.getHost().port
+
+        def stop() -> Any:
+            for conn in self.accepted:
+                conn.transport.abortConnection()
+            return listening.stopListening()
+
+        test.addCleanup(stop)

@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
@@ -30,7 +29,9 @@ from autogpt_ws import logs
 from autogpt_ws.auth import AuthFailure, Identity, KeySetVerifier, http_fetcher
 from autogpt_ws.config import load
 from autogpt_ws.service import WebsocketServer
-from tests.helpers import SECRET, U, Client, connect, make_settings, raw_request, start_server, token, upgrade_request
+from tests.helpers import (
+    SECRET, U, Client, SilentServer, connect, make_settings, raw_request, start_server, token, upgrade_request,
+)
 
 MISSING = (4001, "Missing authentication token")
 NO_SUB = (4002, "Invalid token")
@@ -126,25 +127,10 @@ def serve_key_set(test: TestCase, body: bytes) -> tuple[KeySetPage, str]:
     return page, f"http://127.0.0.1:{port.getHost().port}/jwks.json"
 
 
-class Silent(Protocol):
-    def connectionMade(self) -> None:
-        self.factory.connections.append(self)  # type: ignore[attr-defined]
-
-
-def serve_silence(test: TestCase) -> tuple[list[Protocol], str]:
-    """A server that accepts connections and never answers."""
-    factory = Factory.forProtocol(Silent)
-    factory.noisy = False
-    factory.connections = []  # type: ignore[attr-defined]
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
-
-    def stop() -> Any:
-        for conn in factory.connections:  # type: ignore[attr-defined]
-            conn.transport.abortConnection()  # type: ignore[union-attr]
-        return port.stopListening()
-
-    test.addCleanup(stop)
-    return factory.connections, f"http://127.0.0.1:{port.getHost().port}/jwks.json"  # type: ignore[attr-defined]
+def serve_silence(test: TestCase) -> tuple[list[Any], str]:
+    """A key-set URL whose server accepts connections and never answers."""
+    silent = SilentServer(test)
+    return silent.accepted, f"http://127.0.0.1:{silent.port}/jwks.json"
 
 
 def close_frame(code: int, reason: str) -> bytes:

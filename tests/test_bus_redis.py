@@ -14,8 +14,6 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, LoopingCall
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -30,7 +28,7 @@ from autogpt_ws.router import Router
 from autogpt_ws.service import WebsocketServer
 from autogpt_ws.tap import build
 from tests.helpers import (
-    SECRET, U, RedisServer, connect, free_port, http_get, make_settings, redis_clients, redis_server,
+    SECRET, U, RedisServer, SilentServer, connect, free_port, http_get, make_settings, redis_clients, redis_server,
     start_server, token, wait_for,
 )
 
@@ -393,19 +391,9 @@ class Faults(TestCase):
     @inlineCallbacks
     def test_stop_abandons_an_attempt_in_flight(self) -> Any:
         """Stopping while the handshake waits closes that connection."""
-        accepted: list[Protocol] = []
-        lost: Deferred[None] = Deferred()
-
-        class Silent(Protocol):
-            def connectionMade(self) -> None:
-                accepted.append(self)
-
-            def connectionLost(self, reason: Any = None) -> None:
-                lost.callback(None)
-
-        listener = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Silent))
-        self.addCleanup(listener.stopListening)
-        server = start_server(self, bus_settings(listener.getHost().port))
+        silent = SilentServer(self)
+        accepted, lost = silent.accepted, silent.lost
+        server = start_server(self, bus_settings(silent.port))
         yield wait_for(lambda: accepted)
         self.assertEqual(server.bus.state, "connecting")
         yield server.stopService()

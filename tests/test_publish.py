@@ -12,8 +12,6 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -22,7 +20,9 @@ from autogpt_ws.bus.channels import Layout
 from autogpt_ws.bus.redis_client import Connection, RedisAddress, RedisPublisher
 from autogpt_ws.bus.resp import connect as resp_connect, handshake
 from autogpt_ws.config import load
-from tests.helpers import PYTHON, U, RedisServer, connect, free_port, redis_server, start_server, wait_for
+from tests.helpers import (
+    PYTHON, U, RedisServer, SilentServer, connect, free_port, redis_server, start_server, wait_for,
+)
 
 LAYOUT = Layout()
 NODE_KEYS = ["user_id", "graph_id", "graph_version", "graph_exec_id", "node_exec_id", "node_id", "block_id", "status",
@@ -128,19 +128,9 @@ class Publisher(TestCase):
 
     @inlineCallbacks
     def test_close_while_connecting(self) -> Any:
-        lost: Deferred[None] = Deferred()
-        accepted: list[Protocol] = []
-
-        class Silent(Protocol):
-            def connectionMade(self) -> None:
-                accepted.append(self)
-
-            def connectionLost(self, reason: Any = None) -> None:
-                lost.callback(None)
-
-        listener = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Silent))
-        self.addCleanup(listener.stopListening)
-        pub = RedisPublisher(RedisAddress(host="127.0.0.1", port=listener.getHost().port), reactor)
+        silent = SilentServer(self)
+        accepted, lost = silent.accepted, silent.lost
+        pub = RedisPublisher(RedisAddress(host="127.0.0.1", port=silent.port), reactor)
         waiting = pub.publish("ch", b"x")
         yield wait_for(lambda: accepted)
         yield pub.close()
