@@ -149,7 +149,7 @@ class WebsocketFactory(WebSocketServerFactory):
     def session_for(self, proto: ServerProtocol) -> Session:
         s = self.settings
         return Session(proto, self.hub, self.stats, proto.send_reply, s.max_subscriptions_per_socket,
-                       self.catchup if s.catchup_enabled else None, self.resolver, s.execution_not_found_reply)
+                       self.catchup, self.resolver, s.execution_not_found_reply)
 
     # -- shutdown -------------------------------------------------------------
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from .limits import unsent_bytes
+
 
 class Flushable(Protocol):
     def flush(self) -> None: ...
@@ -43,9 +45,7 @@ def send_direct(descriptor: Any, data: bytes) -> bytes:
     """Hand ``data`` to the kernel now when the Twisted file descriptor has
     nothing buffered (so order is kept); return what it did not take, for
     ``transport.write``."""
-    if (descriptor.dataBuffer and len(descriptor.dataBuffer) > descriptor.offset) or descriptor._tempDataLen:
-        return data
-    if not descriptor.connected or descriptor.disconnecting:
+    if unsent_bytes(descriptor) or not descriptor.connected or descriptor.disconnecting:
         return data
     try:
         sent = descriptor.socket.send(data)
