@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -44,6 +44,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
+
+# a scenario: one measured run per step, its results when done
+Steps = Generator[None, None, "dict[str, list[float]]"]
 
 
 # -- sizes ---------------------------------------------------------------------
@@ -119,6 +122,50 @@ def children_of(pid: int) -> list[int]:
             except (OSError, ValueError):
                 pass
     return found
+
+
+CGROUP_CPU = "/sys/fs/cgroup/cpu"  # cgroup v1 cpu controller (needs root)
+CAP_PERIOD_US = 10000  # short periods keep the throttling smooth
+
+
+class CpuCap:
+    """A share of one core for one process: a cgroup-v1 CFS quota of
+    ``percent``% per 10 ms, and every thread pinned to ``core``."""
+
+    def __init__(self, name: str, percent: float) -> None:
+        self.path = os.path.join(CGROUP_CPU, f"autogpt-ws-bench-{os.getpid()}-{name}")
+        os.makedirs(self.path, exist_ok=True)
+        self._write("cpu.cfs_period_us", CAP_PERIOD_US)
+        self._write("cpu.cfs_quota_us", int(CAP_PERIOD_US * percent / 100))
+
+    def _write(self, name: str, value: int) -> None:
+        with open(os.path.join(self.path, name), "w") as handle:
+            handle.write(str(value))
+
+    def add(self, pid: int, core: int) -> None:
+        self._write("cgroup.procs", pid)
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), {core})
+
+    def close(self) -> None:
+        try:
+            with open(os.path.join(self.path, "cgroup.procs")) as handle:
+                left = [int(x) for x in handle.read().split()]
+            for pid in left:  # processes still alive go back to the root group
+                with open(os.path.join(CGROUP_CPU, "cgroup.procs"), "w") as handle:
+                    handle.write(str(pid))
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+
+def can_cap_cpu() -> str:
+    """Why CPU caps are unavailable here, or "" when they are."""
+    if not os.path.isfile(os.path.join(CGROUP_CPU, "cpu.cfs_quota_us")):
+        return f"no cgroup-v1 cpu controller at {CGROUP_CPU}"
+    if not os.access(CGROUP_CPU, os.W_OK):
+        return f"{CGROUP_CPU} is not writable (run as root)"
+    return ""
 
 
 def rss_bytes(pid: int) -> int:
@@ -347,7 +394,7 @@ def util(out: dict[str, Any]) -> tuple[float, float]:
     return 100 * out["server_cpu_s"] / wall, 100 * (out["cpu_ms"] / 1000 + out["redis_cpu_s"]) / wall
 
 
-def fanout(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
+def fanout(c: Client, s: Sizes, log: Any) -> Steps:
     """Burst throughput, deliveries per server CPU-second; then steady-rate
     latency on the same sockets."""
     res: dict[str, list[float]] = {k: [] for k in (
@@ -373,6 +420,7 @@ def fanout(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
             # own and Redis's CPU per delivery, publishing included
             res["burst_client_capacity"].append(out["received"] / max(out["cpu_ms"] / 1000 + out["redis_cpu_s"], 1e-3))
         c.server.settle()
+        yield
     rate = s.rate_deliveries / (s.conns / s.channels)  # events/s
     for i in range(s.runs + 1):
         secs = 1.0 if i == 0 else s.rate_secs
@@ -387,10 +435,11 @@ def fanout(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
             res["rate_server_cpu_pct"].append(scpu)
             res["rate_client_cpu_pct"].append(ccpu)
         c.server.settle()
+        yield
     return res
 
 
-def ignored(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
+def ignored(c: Client, s: Sizes, log: Any) -> Steps:
     res: dict[str, list[float]] = {"ignored_us_per_event": [], "ignored_client_cpu_pct": []}
     for i in range(s.runs + 1):
         events = s.ignored_events if i else s.ignored_events // 5
@@ -403,10 +452,11 @@ def ignored(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
             res["ignored_us_per_event"].append(us)
             res["ignored_client_cpu_pct"].append(ccpu)
         c.server.settle()
+        yield
     return res
 
 
-def setup(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
+def setup(c: Client, s: Sizes, log: Any) -> Steps:
     res: dict[str, list[float]] = {k: [] for k in (
         "setup_per_cpu_s", "setup_per_s", "setup_retries", "setup_client_cpu_pct")}
     c.run(cmd="closeall")
@@ -426,10 +476,11 @@ def setup(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
             res["setup_client_cpu_pct"].append(ccpu)
         c.run(cmd="closeall")
         c.server.settle()
+        yield
     return res
 
 
-def storm(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
+def storm(c: Client, s: Sizes, log: Any) -> Steps:
     res: dict[str, list[float]] = {"storm_all_back_s": [], "storm_retries": []}
     c.run(cmd="closeall")
     c.server.settle()
@@ -444,11 +495,12 @@ def storm(c: Client, s: Sizes, log: Any) -> dict[str, list[float]]:
             res["storm_all_back_s"].append(out["all_back_s"] if not out["failed"] else float("inf"))
             res["storm_retries"].append(out["retries"])
         c.server.settle()
+        yield
     c.run(cmd="closeall")
     return res
 
 
-def memory(make: Any, redis: Redis, s: Sizes, log: Any) -> dict[str, list[float]]:
+def memory(make: Any, redis: Redis, s: Sizes, log: Any) -> Steps:
     """A fresh server per run: warm up with a few sockets, then RSS before
     and after idle_conns subscribed sockets."""
     res: dict[str, list[float]] = {"idle_kb_per_socket": []}
@@ -472,28 +524,45 @@ def memory(make: Any, redis: Redis, s: Sizes, log: Any) -> dict[str, list[float]
         finally:
             c.close()
             server.stop()
+        yield
     return res
 
 
-def workers(make: Any, redis: Redis, s: Sizes, log: Any) -> dict[str, list[float]]:
+def workers(make: Any, redis: Redis, s: Sizes, log: Any, quota: float = 0.0) -> dict[str, list[float]]:
     """Fan-out burst with 1 and with 2 workers (SO_REUSEPORT) on the
     workers' cores.  Throughput scaling needs a core per worker plus the
     client's: on a 2-core machine both runs share one core, and what
     stays meaningful is the efficiency (deliveries per server CPU-second,
-    all workers summed)."""
+    all workers summed).
+
+    With ``quota`` (percent of a core), every worker instead gets that
+    share of its own core: the single worker on core 0, the two workers on
+    cores 0 and 1 (a CFS quota each, see CpuCap).  This emulates "a core
+    per worker" with cores slower than the client's, so that the client and
+    Redis keep enough CPU on a 2-core machine; what it checks is whether a
+    second worker doubles the capacity."""
     res: dict[str, list[float]] = {k: [] for k in (
         "w1_msgs_per_s", "w2_msgs_per_s", "w1_per_cpu_s", "w2_per_cpu_s", "workers_scaling", "workers_efficiency")}
     for n in (1, 2):
         server = make(n)
+        caps: list[CpuCap] = []
         c = Client(server, redis)
         try:
+            if quota:
+                processes = [server.pid] if n == 1 else sorted(children_of(server.pid))
+                assert len(processes) == n, processes
+                for core, pid in enumerate(processes):
+                    cap = CpuCap(f"w{core}", quota)
+                    caps.append(cap)
+                    cap.add(pid, core)
             c.run(cmd="open", n=s.conns, channels=s.channels, conc=200)
             server.settle()
             for i in range(s.runs + 1):
                 out = c.run(cmd="burst", events=s.burst_events, channels=s.channels)
                 per_cpu = out["received"] / max(out["server_cpu_s"], 1 / HZ)
+                scpu, ccpu = util(out)
                 log(f"  {n} worker{'s' if n > 1 else ''} burst {'warm-up' if i == 0 else i}: {out['msgs_per_s']} msgs/s, "
-                    f"{per_cpu:,.0f} per server cpu-s")
+                    f"{per_cpu:,.0f} per server cpu-s, server {scpu:.0f}% of a core, client {ccpu:.0f}%")
                 if i:
                     res[f"w{n}_msgs_per_s"].append(out["msgs_per_s"])
                     res[f"w{n}_per_cpu_s"].append(per_cpu)
@@ -501,6 +570,8 @@ def workers(make: Any, redis: Redis, s: Sizes, log: Any) -> dict[str, list[float
         finally:
             c.close()
             server.stop()
+            for cap in caps:
+                cap.close()
     for a, b in zip(res["w1_msgs_per_s"], res["w2_msgs_per_s"]):
         res["workers_scaling"].append(b / a)
     for a, b in zip(res["w1_per_cpu_s"], res["w2_per_cpu_s"]):
@@ -540,6 +611,11 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def ratio(x: float) -> str:
+    """Below 1, three decimals: 0.102x and 0.095x, never both a rounded 0.10x."""
+    return f"{x:.2f}x" if x >= 1 else f"{x:.3f}x"
+
+
 def table(results: dict[str, dict[str, list[float]]], sizes: Sizes) -> str:
     names = list(results)
     mine = [n for n in names if n != "peer"] if "peer" in results else []
@@ -556,7 +632,7 @@ def table(results: dict[str, dict[str, list[float]]], sizes: Sizes) -> str:
             row.append(fmt.format(m) if m is not None else "-")
         for n in mine:
             a, b = meds.get(n), meds.get("peer")
-            row.append(f"{a / b:.2f}x" if a is not None and b else "-")
+            row.append(ratio(a / b) if a is not None and b else "-")
         lines.append(row)
     widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
@@ -568,6 +644,19 @@ def table(results: dict[str, dict[str, list[float]]], sizes: Sizes) -> str:
 
 
 # -- main ----------------------------------------------------------------------
+
+
+def alternate(steps: dict[str, Steps], results: dict[str, dict[str, list[float]]]) -> None:
+    """Advance each server's scenario one run at a time, in turn, and file
+    each one's results when it is done."""
+    pending = dict(steps)
+    while pending:
+        for name, gen in list(pending.items()):
+            try:
+                next(gen)
+            except StopIteration as done:
+                results[name].update(done.value)
+                del pending[name]
 
 SCENARIOS = ("fanout", "ignored", "setup", "storm", "memory", "workers")
 DEFAULT_SCENARIOS = ("fanout", "ignored", "setup", "storm", "memory")
@@ -585,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-core", default=CLIENT_CORE, help="core(s) for the load client and Redis")
     p.add_argument("--workers-cores", default=None,
                    help="cores for the workers scenario (default: every core but the client's)")
+    p.add_argument("--workers-quota", type=float, default=0.0,
+                   help="workers scenario: give each worker this percent of one core of its own "
+                        "(worker i on core i, a cgroup CPU quota; needs root), e.g. 33")
     p.add_argument("--ours-arg", action="append", default=[], help="extra argument for our server (repeatable), "
                                                                       "e.g. --ours-arg=--set --ours-arg=catchup_enabled=false")
     p.add_argument("--no-ours", action="store_true", help="skip our server as it is")
@@ -594,6 +686,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     SERVER_CORE, CLIENT_CORE = args.server_core, args.client_core
+    if args.workers_quota:
+        why = can_cap_cpu()
+        if why:
+            p.error(f"--workers-quota: {why}")
+        if not 0 < args.workers_quota <= 100:
+            p.error("--workers-quota: a percent of one core, above 0 and at most 100")
     sizes = Sizes(**(QUICK if args.quick else {}))
     for f in Sizes.__dataclass_fields__:
         value = getattr(args, f, None)
@@ -629,47 +727,62 @@ def main(argv: list[str] | None = None) -> int:
     log(f"autogpt-ws benchmarks: {'quick' if args.quick else 'full'}, {sizes.runs} runs + 1 warm-up, "
         f"cores: server {SERVER_CORE}, client+redis {CLIENT_CORE}, load average {load_before[0]:.2f} "
         f"{load_before[1]:.2f} {load_before[2]:.2f}")
-    redis = Redis(logdir)
-    results: dict[str, dict[str, list[float]]] = {}
-    makers = {}
-    if not args.no_ours:
-        makers["ours"] = lambda: ours(free_port(), redis, logdir, args.ours_arg)
-    if args.peer:
-        makers["peer"] = lambda: peer(free_port(), redis, logdir)
+    names = ([] if args.no_ours else ["ours"]) + (["peer"] if args.peer else [])
+    # each server gets its own Redis, so that both can stay up while only one
+    # is driven: the runs alternate (ours, peer, ours, ...), and slow spells of
+    # the machine hit both alike
+    redises = {name: Redis(logdir) for name in names}
+    makers = {
+        "ours": lambda: ours(free_port(), redises["ours"], logdir, args.ours_arg),
+        "peer": lambda: peer(free_port(), redises["peer"], logdir),
+    }
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in names}
+    logs = {name: (lambda msg, name=name: log(f"{name}{msg}")) for name in names}
+    servers: dict[str, Server] = {}
+    clients: dict[str, Client] = {}
     try:
-        for name, make in makers.items():
-            res: dict[str, list[float]] = {}
-            results[name] = res
-            log(f"== {name}")
-            if any(x in only for x in ("fanout", "ignored", "setup", "storm")):
-                server = make()
-                c = Client(server, redis)
-                try:
-                    if "fanout" in only:
-                        res.update(fanout(c, sizes, log))
-                    if "ignored" in only:
-                        if "fanout" not in only:
-                            c.run(cmd="open", n=1, channels=1, conc=1)
-                        res.update(ignored(c, sizes, log))
-                    if "setup" in only:
-                        res.update(setup(c, sizes, log))
-                    if "storm" in only:
-                        res.update(storm(c, sizes, log))
-                finally:
-                    c.close()
-                    server.stop()
-            if "memory" in only:
-                res.update(memory(make, redis, sizes, log))
-            if "workers" in only and name == "ours":
+        if any(x in only for x in ("fanout", "ignored", "setup", "storm")):
+            for name in names:
+                servers[name] = makers[name]()
+                clients[name] = Client(servers[name], redises[name])
+            for scenario in ("fanout", "ignored", "setup", "storm"):
+                if scenario not in only:
+                    continue
+                log(f"== {scenario}")
+                if scenario == "ignored" and "fanout" not in only:
+                    for c in clients.values():
+                        c.run(cmd="open", n=1, channels=1, conc=1)
+                run_steps = {"fanout": fanout, "ignored": ignored, "setup": setup, "storm": storm}[scenario]
+                alternate({name: run_steps(clients[name], sizes, logs[name]) for name in names}, results)
+            for name in names:
+                clients.pop(name).close()
+                servers.pop(name).stop()
+        if "memory" in only:
+            log("== memory")
+            alternate({name: memory(makers[name], redises[name], sizes, logs[name]) for name in names}, results)
+        if "workers" in only and "ours" in names:
+            log("== workers")
+            if args.workers_quota:
+                cores = "0,1"  # each worker is then pinned to its own core
+                log(f"  workers: each worker capped at {args.workers_quota:g}% of its own core "
+                    "(worker i on core i); the client and Redis on core 1")
+            else:
                 cores = args.workers_cores or ",".join(
                     str(c) for c in sorted(os.sched_getaffinity(0)) if str(c) != CLIENT_CORE) or SERVER_CORE
                 if len(cores.split(",")) < 2:
                     log(f"  workers: only core {cores} is free for the server: 1 and 2 workers share it, "
-                        "so compare efficiency, not throughput")
-                res.update(workers(lambda n: ours(free_port(), redis, logdir, args.ours_arg, workers=n, cores=cores),
-                                   redis, sizes, log))
+                        "so compare efficiency, not throughput (or see --workers-quota)")
+            redis = redises["ours"]
+            results["ours"].update(workers(
+                lambda n: ours(free_port(), redis, logdir, args.ours_arg, workers=n, cores=cores),
+                redis, sizes, log, args.workers_quota))
     finally:
-        redis.stop()
+        for c in clients.values():
+            c.close()
+        for server in servers.values():
+            server.stop()
+        for r in redises.values():
+            r.stop()
     load_after = os.getloadavg()
     text = table(results, sizes)
     log("")

@@ -36,8 +36,8 @@ class Subscriber:
     """A raw subscriber connection collecting (kind, channel, data)."""
 
     def __init__(self) -> None:
-        self.received: list[tuple[bytes, bytes, bytes]] = []
-        self.conn = Connection(lambda kind, channel, data: self.received.append((kind, channel, data)))
+        self.received: list[tuple[bytes, bytes]] = []
+        self.conn = Connection(lambda channel, data: self.received.append((channel, data)))
 
     @classmethod
     @inlineCallbacks
@@ -69,7 +69,7 @@ class Publisher(TestCase):
         self.assertEqual((yield pub.publish("ch", data)), 1)
         self.assertEqual((yield pub.publish("nobody", data)), 0)
         yield sub.wait(1)
-        self.assertEqual(sub.received, [(b"message", b"ch", data)])
+        self.assertEqual(sub.received, [(b"ch", data)])
 
     @inlineCallbacks
     def test_order_kept_for_publishes_made_while_connecting(self) -> Any:
@@ -79,7 +79,7 @@ class Publisher(TestCase):
         counts = yield gatherResults([pub.publish("ch", b"%d" % i) for i in range(200)])
         self.assertEqual(counts, [1] * 200)
         yield sub.wait(200)
-        self.assertEqual([d for _, _, d in sub.received], [b"%d" % i for i in range(200)])
+        self.assertEqual([d for _, d in sub.received], [b"%d" % i for i in range(200)])
 
     @inlineCallbacks
     def test_reconnects_after_the_connection_is_lost(self) -> Any:
@@ -91,7 +91,7 @@ class Publisher(TestCase):
         yield wait_for(lambda: pub._conn is None)
         self.assertEqual((yield pub.publish("ch", b"two")), 1)
         yield sub.wait(2)
-        self.assertEqual([d for _, _, d in sub.received], [b"one", b"two"])
+        self.assertEqual([d for _, d in sub.received], [b"one", b"two"])
 
     @inlineCallbacks
     def test_redis_down_fails_then_recovers(self) -> Any:
@@ -111,7 +111,7 @@ class Publisher(TestCase):
         self.addCleanup(pub.close)
         self.assertEqual((yield pub.publish(channel, b"s")), 1)
         yield sub.wait(1)
-        self.assertEqual(sub.received, [(b"smessage", channel.encode(), b"s")])
+        self.assertEqual(sub.received, [(channel.encode(), b"s")])
 
     @inlineCallbacks
     def test_password_and_db(self) -> Any:
@@ -162,11 +162,11 @@ class CommandInProcess(TestCase):
         return out.getvalue().splitlines()
 
     def envelope(self, index: int) -> tuple[str, dict[str, Any]]:
-        _, channel, data = self.received[index]
+        channel, data = self.received[index]
         return channel.decode(), json.loads(data)
 
     @property
-    def received(self) -> list[tuple[bytes, bytes, bytes]]:
+    def received(self) -> list[tuple[bytes, bytes]]:
         return self.sub.received
 
     @inlineCallbacks
@@ -182,7 +182,7 @@ class CommandInProcess(TestCase):
         self.assertEqual(list(event), NODE_KEYS)
         self.assertEqual((event["node_exec_id"], event["status"], event["output_data"], event["event_type"]),
                          ("ne1", "COMPLETED", {"result": ["ok"]}, "node_execution_update"))
-        self.assertNotIn(b" ", self.received[0][2])  # compact, as the executors write it
+        self.assertNotIn(b" ", self.received[0][1])  # compact, as the executors write it
 
     @inlineCallbacks
     def test_graph_sharded(self) -> Any:
@@ -193,7 +193,7 @@ class CommandInProcess(TestCase):
         sub = yield Subscriber.start(self, self.redis, "SSUBSCRIBE", ["execution_event/{u1/g1}/all"])
         yield self.publish("graph", "--sharded", "--user", "u1", "--graph", "g1", "--exec", "e1")
         yield sub.wait(1)
-        event = json.loads(sub.received[0][2])["payload"]
+        event = json.loads(sub.received[0][1])["payload"]
         self.assertEqual(list(event), GRAPH_KEYS)
         self.assertEqual((event["id"], event["event_type"]), ("e1", "graph_execution_update"))
 
@@ -211,7 +211,7 @@ class CommandInProcess(TestCase):
         yield self.publish("raw", "custom/channel", '{"payload": {"as": "given"} }')
         yield self.publish("raw", "--no-check", "custom/channel", "not json")
         yield self.sub.wait(2)
-        self.assertEqual([(c, d) for _, c, d in self.received],
+        self.assertEqual([(c, d) for c, d in self.received],
                          [(b"custom/channel", b'{"payload": {"as": "given"} }'), (b"custom/channel", b"not json")])
 
     @inlineCallbacks

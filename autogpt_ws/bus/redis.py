@@ -152,7 +152,7 @@ class RedisBus(Service):
             self._probing.cancel()
         if not self.running or self._conn is not None:
             return
-        conn = Connection(self._message_handler())
+        conn = Connection(self.router.classic_bytes)
         self._conn = conn
         self.state = "connecting"
         self._attempt(conn)
@@ -301,15 +301,3 @@ class RedisBus(Service):
         if call is not None and call.active():
             call.cancel()
 
-    # -- the hot path ----------------------------------------------------------
-
-    def _message_handler(self) -> Callable[[bytes, bytes, bytes], None]:
-        classic = self.router.classic_bytes
-
-        def on_message(kind: bytes, channel: bytes, data: bytes) -> None:
-            try:
-                classic(channel, data)
-            except Exception:  # a bug must not cut the stream
-                log.failure("routing a message from {channel!r} failed", channel=channel)
-
-        return on_message

@@ -19,7 +19,7 @@ from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TCPTi
 from twisted.python.failure import Failure
 
 from ..config import Settings, redis_address
-from .resp import RedisProtocol, connect, handshake
+from .resp import MessageHandler, RedisProtocol, connect, handshake
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Connection(RedisProtocol):
     abandoned = False
     abort_reason = ""
 
-    def __init__(self, on_message: Callable[[bytes, bytes, bytes], None] | None = None) -> None:
+    def __init__(self, on_message: MessageHandler | None = None) -> None:
         super().__init__(on_message)
         self.reason: Failure | None = None
         self._on_lost: list[Callable[[Failure], None]] = []

@@ -8,9 +8,10 @@ which the Twisted-native clients do not offer.  hiredis (the Redis project's
 C parser) does the parsing; this module does the bookkeeping.
 
 Commands are answered in order through Deferreds.  While subscribed, Redis
-interleaves pushes with replies; messages go to ``on_message(kind, channel,
-data)`` and subscription changes the server makes on its own (a slot moved)
-go to ``on_push(reply)``.
+interleaves pushes with replies; messages (``message``, ``pmessage``,
+``smessage``) go to ``on_message(channel, data)`` and subscription changes
+the server makes on its own (a slot moved) go to ``on_push(reply)``.  An
+exception from ``on_message`` is logged and the stream goes on.
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ import hiredis
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+log = Logger()
+
 MESSAGES = frozenset((b"message", b"pmessage", b"smessage"))
+# the most bytes handed to hiredis at once (see RedisProtocol.dataReceived)
+FEED_SIZE = 8192
 ACKS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
 
 
@@ -43,7 +49,7 @@ def encode(args: Sequence[str | bytes | int]) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(parts)
 
 
-MessageHandler = Callable[[bytes, bytes, bytes], None]
+MessageHandler = Callable[[bytes, bytes], None]
 
 
 class _Pending:
@@ -102,20 +108,35 @@ class RedisProtocol(Protocol):
         self.connected = True
 
     def dataReceived(self, data: bytes) -> None:
-        reader = self._reader
-        reader.feed(data)
+        # hiredis compacts its buffer (a memmove of everything unread) each
+        # time 1 KiB of it has been parsed, so one big feed costs time
+        # quadratic in its size; slices of FEED_SIZE keep that copy small
+        size = len(data)
+        if size <= FEED_SIZE:
+            self._reader.feed(data)
+            self._drain()
+            return
+        feed = self._reader.feed
+        for offset in range(0, size, FEED_SIZE):
+            feed(data, offset, min(FEED_SIZE, size - offset))
+            self._drain()
+
+    def _drain(self) -> None:
+        gets = self._reader.gets
         on_message = self.on_message
         while True:
-            reply = reader.gets()
+            reply = gets()
             if reply is False:
                 return
             if type(reply) is list and reply and type(reply[0]) is bytes:  # not e.g. CLUSTER SLOTS
                 kind = reply[0]
                 if kind in MESSAGES and on_message is not None:
-                    if kind == b"pmessage":
-                        on_message(kind, reply[2], reply[3])
-                    else:
-                        on_message(kind, reply[1], reply[2])
+                    # [kind, channel, data], or [kind, pattern, channel, data]
+                    at = 2 if kind == b"pmessage" else 1
+                    try:
+                        on_message(reply[at], reply[at + 1])
+                    except Exception:  # a bug must not cut the stream
+                        log.failure("handling a message from {channel!r} failed", channel=reply[at])
                     continue
                 if kind in ACKS and self._ack(reply):
                     continue

@@ -288,9 +288,7 @@ class ShardLink:
         self.acked.discard(channel)
         self.owner.channel_lost(self, channel, None)
 
-    def _message(self, kind: bytes, channel: bytes, data: bytes) -> None:
-        if kind != b"smessage":
-            return
+    def _message(self, channel: bytes, data: bytes) -> None:
         name = channel.decode("utf-8", "replace")
         if name in self.channels:
             self.owner.deliver(name, data)
