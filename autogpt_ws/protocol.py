@@ -138,6 +138,14 @@ class ServerProtocol(WebSocketServerProtocol):
             stats.sockets_closed[str(code) if code else "1006"] += 1
         self._inbox = None
         self._out = None
+        # Break the two reference cycles a socket is part of (its session's
+        # sink is this protocol; Autobahn resolves is_closed with this
+        # protocol), so that a closed socket and everything it holds are freed
+        # at once by reference counting: no garbage for a full collection to
+        # find (it used to be ~20 objects per socket), and memory back at
+        # once after a reconnect storm.  Nothing reads either after a close.
+        self._session = None
+        self.is_closed = None
         factory.socket_closed(self)
 
     # IPushProducer: the transport tells us when its buffer fills and drains

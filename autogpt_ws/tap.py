@@ -149,5 +149,9 @@ def build(settings: Settings, demo: bool = False, reactor: Any = None) -> IServi
 
 def makeService(options: Options) -> IService:
     """twistd's entry: the same tree as ``python ws.py``."""
+    from .app import HeapFreezer
+
     assert options.settings is not None
-    return build(options.settings, demo=bool(options["demo"]))
+    server = build(options.settings, demo=bool(options["demo"]))
+    HeapFreezer().setServiceParent(server)  # type: ignore[arg-type]
+    return server

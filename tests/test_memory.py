@@ -1,11 +1,16 @@
 """What an open socket keeps: Autobahn's per-connection copies of the
-factory options and its handshake state are not held per socket."""
+factory options and its handshake state are not held per socket.  What a
+closed one leaves: nothing, even before the garbage collector runs."""
+
+import gc
+import weakref
+from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from autogpt_ws.protocol import HANDSHAKE_ONLY, SendQueue
-from tests.helpers import connect, start_server
+from tests.helpers import connect, sleep, start_server, wait_for
 
 
 class IdleSocketState(TestCase):
@@ -30,3 +35,25 @@ class IdleSocketState(TestCase):
         queue.append(1)
         queue.append(2)
         self.assertEqual((queue.popleft(), queue.popleft(), len(queue)), (1, 2, 0))
+
+
+class ClosedSocketFreed(TestCase):
+    @inlineCallbacks
+    def test_closed_socket_is_freed_without_the_garbage_collector(self) -> Any:
+        server = start_server(self)
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for close in ("handshake", "reset"):
+            client = yield connect(server.port, test=self)
+            yield client.request('{"method":"subscribe_graph_execution","data":{"graph_exec_id":"e1"}}')
+            (proto,) = server.factory.sockets
+            gone = weakref.ref(proto)
+            del proto
+            if close == "handshake":
+                client.sendClose(1000)
+            else:
+                client.dropConnection(abort=True)
+            yield wait_for(lambda: not server.factory.sockets)
+            yield sleep(0.05)  # the reactor lets go of the transport
+            self.assertIsNone(gone(), f"closed by {close}: still referenced, only a collection would free it")

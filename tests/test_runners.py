@@ -16,6 +16,7 @@ Exit statuses, as documented in the README:
 from __future__ import annotations
 
 import base64
+import gc
 import os
 import shutil
 import signal
@@ -376,8 +377,11 @@ class Plugin(TestCase):
         service = maker.makeService(options)
         self.assertIsInstance(service, WebsocketServer)
         self.assertEqual(service.settings.shutdown_timeout, 1.0)
+        gc.unfreeze()
+        self.addCleanup(gc.unfreeze)
         service.privilegedStartService()
         service.startService()
+        self.assertGreater(gc.get_freeze_count(), 0)  # startup objects out of the collector's sight
         self.addCleanup(lambda: service.stopService() if service.running else None)
         response = yield http_request(service.port, "GET", "/health")
         self.assertEqual(response.body, b'{"status":"healthy"}')
