@@ -99,9 +99,7 @@ class Router:
             if (user not in self._users and bus == self._exec_bus and user and graph and execution
                     and (self.graph_events is None or data[-_TAIL:] == NODE_TAIL or data[:_HEAD] == NODE_HEAD
                          or GRAPH_MARK not in data)):
-                stats = self.stats
-                stats.events_received += 1
-                stats.events_ignored += 1
+                self.stats.events_ignored += 1
                 return
         self.classic(channel.decode("utf-8", "replace"), data)
 
@@ -120,7 +118,6 @@ class Router:
     def execution(self, where: Parsed, data: bytes, sharded: bool) -> None:
         started = self._timer()
         stats = self.stats
-        stats.events_received += 1
         user_id = where.user_id
         exec_key = wire.exec_key(user_id, where.graph_exec_id) if where.kind == "exec" else None
         graph_key = wire.graph_key(user_id, where.graph_id)
@@ -135,6 +132,7 @@ class Router:
         if not wanted and (self.graph_events is None or sharded or GRAPH_MARK not in data):
             stats.events_ignored += 1
             return
+        stats.events_handled += 1
         opened = self._open(data)
         if opened is None:
             return
@@ -159,10 +157,10 @@ class Router:
 
     def notification(self, user_id: str, data: bytes) -> None:
         started = self._timer()
-        self.stats.events_received += 1
         if not self.hub.has_user(user_id):
             self.stats.events_ignored += 1
             return
+        self.stats.events_handled += 1
         try:
             event, _inner, raw = wire.inner_payload(data)
         except ValueError:

@@ -28,7 +28,6 @@ from twisted.python.failure import Failure
 
 log = Logger()
 
-MESSAGES = frozenset((b"message", b"pmessage", b"smessage"))
 # the most bytes handed to hiredis at once (see RedisProtocol.dataReceived)
 FEED_SIZE = 8192
 ACKS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
@@ -50,6 +49,10 @@ def encode(args: Sequence[str | bytes | int]) -> bytes:
 
 
 MessageHandler = Callable[[bytes, bytes], None]
+
+
+def _ignore(channel: bytes, data: bytes) -> None:
+    """The message handler of a connection that subscribes to nothing."""
 
 
 class _Pending:
@@ -123,28 +126,34 @@ class RedisProtocol(Protocol):
 
     def _drain(self) -> None:
         gets = self._reader.gets
-        on_message = self.on_message
+        on_message = self.on_message or _ignore
         while True:
             reply = gets()
             if reply is False:
                 return
-            if type(reply) is list and reply and type(reply[0]) is bytes:  # not e.g. CLUSTER SLOTS
-                kind = reply[0]
-                if kind in MESSAGES and on_message is not None:
-                    # [kind, channel, data], or [kind, pattern, channel, data]
-                    at = 2 if kind == b"pmessage" else 1
-                    try:
-                        on_message(reply[at], reply[at + 1])
-                    except Exception:  # a bug must not cut the stream
-                        log.failure("handling a message from {channel!r} failed", channel=reply[at])
-                    continue
-                if kind in ACKS and self._ack(reply):
-                    continue
-                if kind in ACKS:
-                    if self.on_push is not None:
-                        self.on_push(reply)
-                    continue
-            self._answer(reply)
+            # pushes first: on a subscriber connection they are nearly all
+            # there is.  (A list compared with b"..." is just unequal, so
+            # CLUSTER SLOTS and the like fall through to _reply.)
+            if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
+                channel, data = reply[2], reply[3]
+            elif type(reply) is list and len(reply) == 3 and (reply[0] == b"message" or reply[0] == b"smessage"):
+                channel, data = reply[1], reply[2]
+            else:
+                self._reply(reply)
+                continue
+            try:
+                on_message(channel, data)
+            except Exception:  # a bug must not cut the stream
+                log.failure("handling a message from {channel!r} failed", channel=channel)
+
+    def _reply(self, reply: Any) -> None:
+        """Anything but a message: a subscribe-family ack (ours, or one the
+        server sends on its own), or the answer to the oldest command."""
+        if type(reply) is list and reply and type(reply[0]) is bytes and reply[0] in ACKS:
+            if not self._ack(reply) and self.on_push is not None:
+                self.on_push(reply)
+            return
+        self._answer(reply)
 
     def _ack(self, reply: list[Any]) -> bool:
         """Count a subscribe-family ack against the oldest waiting command."""
