@@ -66,8 +66,6 @@ class HeapFreezer(Service):
     """Added last to a service tree: once every other service has started,
     it calls freeze_heap()."""
 
-    name = "heap-freezer"
-
     def startService(self) -> None:
         super().startService()
         freeze_heap()

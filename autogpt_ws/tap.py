@@ -153,5 +153,5 @@ def makeService(options: Options) -> IService:
 
     assert options.settings is not None
     server = build(options.settings, demo=bool(options["demo"]))
-    HeapFreezer().setServiceParent(server)  # type: ignore[arg-type]
+    HeapFreezer().setServiceParent(server)
     return server

@@ -3,14 +3,15 @@
 
     python benchmarks/run.py [--quick] [--peer] [--runs N] [--only fanout,ignored,setup,storm,memory,workers]
 
-Starts its own redis-server on a free loopback port, our server (and with
-``--peer`` the reference peer of ../shared/bench, in a venv it makes under
-benchmarks/.peer-venv), each pinned to core 0 with ``taskset -c 0``, and the
-load client (benchmarks/client/load.mjs, plain Node, no dependencies) and
-Redis pinned to core 1.  Each scenario has one warm-up run, then ``--runs``
-measured runs; the table shows medians, and the ratio ours/peer.  Results
-also go to benchmarks/results/<time>.json.  See benchmarks/RESULTS.md for
-what each row means.
+Starts our server (and with ``--peer`` the reference peer of
+../shared/bench, in a venv it makes under benchmarks/.peer-venv), each
+pinned to core 0 with ``taskset -c 0`` and each with its own redis-server on
+a free loopback port and its own load client (benchmarks/client/load.mjs,
+plain Node, no dependencies), the clients and Redis pinned to core 1.  Each
+scenario has one warm-up run, then ``--runs`` measured runs, ours and the
+peer alternating run by run; the table shows medians, and the ratio
+ours/peer.  Results also go to benchmarks/results/<time>.json.  See
+benchmarks/RESULTS.md for what each row means.
 
 Nothing here ever points load at anything but 127.0.0.1, or uses the
 machine's own Redis.

@@ -211,7 +211,7 @@ class CommandInProcess(TestCase):
         yield self.publish("raw", "custom/channel", '{"payload": {"as": "given"} }')
         yield self.publish("raw", "--no-check", "custom/channel", "not json")
         yield self.sub.wait(2)
-        self.assertEqual([(c, d) for c, d in self.received],
+        self.assertEqual(self.received,
                          [(b"custom/channel", b'{"payload": {"as": "given"} }'), (b"custom/channel", b"not json")])
 
     @inlineCallbacks

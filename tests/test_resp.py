@@ -79,3 +79,13 @@ class HandlerFailure(TestCase):
         proto.dataReceived(b"".join(push(b"message", b"ch", d) for d in (b"1", b"bad", b"2", b"3")))
         self.assertEqual(received, [b"1", b"2", b"3"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class NoHandler(TestCase):
+    def test_a_connection_that_subscribes_to_nothing_ignores_messages(self) -> None:
+        proto = RedisProtocol()
+        proto.makeConnection(StringTransport())
+        answers: list[object] = []
+        proto.command("PING").addCallback(answers.append)
+        proto.dataReceived(push(b"message", b"ch", b"stray") + b"+PONG\r\n")
+        self.assertEqual(answers, [b"PONG"])  # the message is not taken for the answer

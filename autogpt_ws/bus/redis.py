@@ -1,6 +1,6 @@
 """The classic Redis event bus: one dedicated subscriber connection doing
 ``PSUBSCRIBE <exec_bus>/*/*/*`` and ``PSUBSCRIBE <notif_bus>/*``, every
-``pmessage`` handed to :meth:`Router.classic` as (channel, raw bytes).
+``pmessage`` handed to :meth:`Router.classic_bytes` as (channel, raw bytes).
 
 Fault handling (PROTOCOL.md section 5), one connection at a time:
 
