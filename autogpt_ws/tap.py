@@ -147,6 +147,24 @@ def build(settings: Settings, demo: bool = False, reactor: Any = None) -> IServi
     return server
 
 
+def one_line_startup_errors(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``sys.excepthook`` for twistd: a StartupError (the port is in use)
+    that escapes twistd becomes one line on the real stderr, as with
+    ``python ws.py``, instead of a traceback; anything else goes to
+    ``previous``.  (Daemonized, twistd reports it to the parent itself.)"""
+    from .service import StartupError
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, StartupError):
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"autogpt-ws: {value}\n")
+            stream.flush()
+        else:
+            previous(kind, value, tb)
+
+    return hook
+
+
 def makeService(options: Options) -> IService:
     """twistd's entry: the same tree as ``python ws.py``."""
     from .app import HeapFreezer
@@ -154,4 +172,5 @@ def makeService(options: Options) -> IService:
     assert options.settings is not None
     server = build(options.settings, demo=bool(options["demo"]))
     HeapFreezer().setServiceParent(server)
+    sys.excepthook = one_line_startup_errors(sys.excepthook)
     return server

@@ -302,15 +302,18 @@ class TwistdRunner(TestCase):
         self.assertIn(f"autogpt-ws {__version__} listening on 127.0.0.1:{port}", proc.stdout)
         self.assertIn("autogpt-ws stopped", proc.stdout)
 
-    def test_port_in_use_fails_startup(self) -> None:
+    def test_port_in_use_exits_1_with_one_line(self) -> None:
         sock, port = listening_socket()
         with sock:
             proc = Process(self, twistd("-n", "--pidfile=", "autogpt-ws", "--host", "127.0.0.1", "--port", str(port)))
             code = proc.wait()
-        self.assertNotEqual(code, 0)
+        self.assertEqual(code, 1, proc.stdout + proc.stderr)
+        lines = proc.stderr.splitlines()
+        self.assertEqual(len(lines), 1, proc.stderr)
+        self.assertIn(f"autogpt-ws: cannot listen on tcp:{port}:interface=127.0.0.1", lines[0])
+        self.assertIn("Address already in use", lines[0])
         out = proc.stdout + proc.stderr
-        self.assertIn(f"StartupError: cannot listen on tcp:{port}:interface=127.0.0.1", out)
-        self.assertIn("Address already in use", out)
+        self.assertNotIn("Traceback", out)
         self.assertNotIn("listening on", out)
 
     def test_daemon_with_pidfile_and_logfile(self) -> None:
@@ -374,6 +377,7 @@ class Plugin(TestCase):
         options = maker.options()
         options.env = {"ENABLE_AUTH": "false"}
         options.parseOptions(["--host", "127.0.0.1", "--port", "0", "--set", "shutdown_timeout=1"])
+        self.patch(sys, "excepthook", sys.excepthook)  # makeService installs its own
         service = maker.makeService(options)
         self.assertIsInstance(service, WebsocketServer)
         self.assertEqual(service.settings.shutdown_timeout, 1.0)
