@@ -36,8 +36,9 @@ class DemoExecutor(Service):
 
     def __init__(self, publisher: Publisher, layout: Layout, clock: Any,
                  user_id: str = DEFAULT_USER_ID, interval: float = 10.0, step: float = 0.5,
-                 sharded: bool = False) -> None:
+                 sharded: bool = False, own_publisher: bool = False) -> None:
         self.publisher = publisher
+        self.own_publisher = own_publisher  # close it on stop (it is nobody else's)
         self.layout = layout
         self.clock = clock
         self.user_id = user_id
@@ -58,7 +59,7 @@ class DemoExecutor(Service):
         log.info("demo executor: a run of graph {graph_id} for user {user_id} every {interval}s",
                  graph_id=DEMO_GRAPH, user_id=self.user_id, interval=self.interval)
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None] | None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._first is not None and self._first.active():
@@ -66,6 +67,9 @@ class DemoExecutor(Service):
         for run in tuple(self._runs):  # a run in flight publishes nothing after stop
             run.cancel()
         super().stopService()
+        if self.own_publisher:
+            return self.publisher.close()  # type: ignore[attr-defined, no-any-return]
+        return None
 
     def _start_run(self) -> None:
         self.runs += 1

@@ -28,6 +28,7 @@ from twisted.python import usage
 
 from . import publish
 from .bus.channels import Layout
+from .bus.cluster_publish import ClusterPublisher
 from .bus.redis_client import RedisPublisher
 from .config import DEFAULT_USER_ID, ConfigError, Settings, config_file_from, load
 
@@ -192,7 +193,7 @@ class PublishOptions(_Common):
 class _Printing:
     """A publisher that reports each publish on ``out``."""
 
-    def __init__(self, publisher: RedisPublisher, out: IO[str]) -> None:
+    def __init__(self, publisher: RedisPublisher | ClusterPublisher, out: IO[str]) -> None:
         self.publisher = publisher
         self.out = out
         self.sent: list[Deferred[int]] = []
@@ -222,7 +223,11 @@ def run(reactor: Any, options: PublishOptions, settings: Settings, out: IO[str] 
 
     sharded = bool(options.common("sharded"))
     layout = Layout(settings.execution_event_bus_name, settings.notification_event_bus_name)
-    redis = RedisPublisher.from_settings(settings, reactor, sharded=sharded)
+    redis: RedisPublisher | ClusterPublisher
+    if sharded and (settings.redis_cluster_host or settings.redis_cluster_nodes):
+        redis = ClusterPublisher.from_settings(settings, reactor)  # to each slot's owner
+    else:
+        redis = RedisPublisher.from_settings(settings, reactor, sharded=sharded)
     publisher = _Printing(redis, out)
     form, sub = options.subCommand, options.subOptions
     limit = settings.max_message_size_limit

@@ -141,9 +141,15 @@ def build(settings: Settings, demo: bool = False, reactor: Any = None) -> IServi
     if demo:
         from .demo import DemoExecutor
 
-        publisher = getattr(server.bus, "publisher", None) or server.bus
-        DemoExecutor(publisher, server.layout, server.reactor,
-                     sharded=settings.event_bus == "redis-cluster").setServiceParent(server)
+        sharded = settings.event_bus == "redis-cluster"
+        if sharded:
+            from .bus.cluster_publish import ClusterPublisher
+
+            publisher: Any = ClusterPublisher.from_settings(settings, server.reactor)
+        else:
+            publisher = getattr(server.bus, "publisher", None) or server.bus
+        DemoExecutor(publisher, server.layout, server.reactor, sharded=sharded,
+                     own_publisher=sharded).setServiceParent(server)
     return server
 
 

@@ -597,3 +597,68 @@ class FailoverTests(ClusterTestCase):
         node.start()  # back as a replica of the new master
         self.cluster.wait_ok()
         self.held_by_masters_only(server, channel, new)
+
+
+class OurClusterPublisher(ClusterTestCase):
+    """autogpt_ws.bus.cluster_publish: what the demo executor and
+    ``autogpt-ws publish --sharded`` publish with on a cluster."""
+
+    def ours(self) -> Any:
+        from autogpt_ws.bus.cluster_publish import ClusterPublisher as Ours
+        from autogpt_ws.bus.redis_client import RedisAddress
+
+        publisher = Ours(RedisAddress("127.0.0.1", self.cluster.ports[0]), reactor)
+        self.addCleanup(publisher.close)
+        return publisher
+
+    @inlineCallbacks
+    def test_each_channel_reaches_its_slots_owner_once(self) -> Any:
+        from autogpt_ws.bus.resp import RedisProtocol, connect
+
+        owners: dict[int, str] = {}  # one channel on each master
+        while len(owners) < 3:
+            channel = LAYOUT.sharded_all(uid("u"), uid("g"))
+            owners.setdefault(self.cluster.owner(channel), channel)
+        received: list[tuple[bytes, bytes]] = []
+        for port, channel in owners.items():
+            sub = yield connect(reactor, "127.0.0.1", port, protocol=RedisProtocol(
+                on_message=lambda channel, data: received.append((channel, data))))
+            gone = sub.lost.addErrback(lambda _: None)  # a clean close ends down the errback path
+            self.addCleanup(lambda sub=sub, gone=gone: (sub.transport.loseConnection(), gone)[1])
+            yield sub.subscribe("SSUBSCRIBE", [channel])
+        publisher = self.ours()
+        for round in (1, 2):
+            for port, channel in owners.items():
+                receivers = yield publisher.publish(channel, b"round %d" % round)
+                self.assertEqual(receivers, 1, (port, channel))
+            # the seed owns one of the three: the other two were MOVED, once
+            self.assertEqual(publisher.redirects, 2)
+        yield wait_for(lambda: len(received) == 6)
+        self.assertEqual(sorted(received), sorted((c.encode(), b"round %d" % r) for r in (1, 2) for c in owners.values()))
+
+    def test_only_moved_is_followed(self) -> None:
+        from autogpt_ws.bus.cluster_publish import moved_to
+        from autogpt_ws.bus.resp import RedisError
+
+        self.assertEqual(moved_to(RedisError("MOVED 3999 127.0.0.1:7002")), (3999, ("127.0.0.1", 7002)))
+        self.assertEqual(moved_to(RedisError("MOVED 12 ::1:7000")), (12, ("::1", 7000)))
+        for other in ("ASK 3999 127.0.0.1:7002", "CLUSTERDOWN The cluster is down", "MOVED nonsense"):
+            self.assertIsNone(moved_to(RedisError(other)), other)
+
+    @inlineCallbacks
+    def test_demo_executor_on_the_cluster_bus(self) -> Any:
+        from autogpt_ws.tap import build
+        from tests.helpers import make_settings
+
+        settings = make_settings(event_bus="redis-cluster", redis_cluster_host="127.0.0.1",
+                                 redis_cluster_port=self.cluster.ports[0],
+                                 database_url="postgresql://unused@127.0.0.1:9/unused")
+        server = build(settings, demo=True, reactor=reactor)
+        server.privilegedStartService()
+        server.startService()
+        self.addCleanup(lambda: server.stopService() if server.running else None)
+        yield wait_for(lambda: server.bus.ready()[0], timeout=10)
+        client = yield self.client(server)
+        yield self.subscribe(server, client, "graph_id", "demo-graph")
+        first = yield frame(client, 1)  # the first run starts 1 s after startup
+        self.assertEqual((first["method"], first["data"]["graph_id"]), ("graph_execution_event", "demo-graph"))

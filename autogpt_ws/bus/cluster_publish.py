@@ -1,0 +1,102 @@
+"""SPUBLISH on a Redis Cluster, for the demo executor and ``autogpt-ws
+publish --sharded`` (AutoGPT's executors publish with their own client).
+
+Each channel goes to the node that owns its slot, first the seed node and
+then whatever a ``MOVED`` reply names, remembered per slot.  A ``MOVED``
+reply means the command did not run, so sending it once more, to the named
+node, can never deliver an event twice.  During a slot migration Redis
+(7.0) serves ``SPUBLISH`` on the slot's old owner, so there is no ``ASK`` to
+follow.  Any other error reply (``CLUSTERDOWN``, ``TRYAGAIN``) fails the
+publish, which is never retried.
+
+One publish at a time, in call order: this is a tool's publisher, for
+events of one run that must arrive in order, not a bulk one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, inlineCallbacks
+
+from ..config import Settings
+from .cluster import seed_nodes
+from .redis_client import RedisAddress, RedisPublisher
+from .resp import RedisError
+from .slots import Address, key_slot, parse_address
+
+MAX_REDIRECTS = 5
+
+
+def moved_to(error: RedisError) -> tuple[int, Address] | None:
+    """``MOVED <slot> <host>:<port>`` -> (slot, address); None for any
+    other error."""
+    kind, _, rest = str(error).partition(" ")
+    if kind != "MOVED":
+        return None
+    slot, _, where = rest.strip().partition(" ")
+    try:
+        return int(slot), parse_address(where)
+    except ValueError:
+        return None
+
+
+class ClusterPublisher:
+    def __init__(self, seed: RedisAddress, reactor: Any) -> None:
+        self.seed = seed
+        self.reactor = reactor
+        self.redirects = 0  # MOVED replies followed
+        self._nodes: dict[Address, RedisPublisher] = {}
+        self._owner: dict[int, Address] = {}  # slot -> node, from MOVED replies
+        self._lock = DeferredLock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, reactor: Any = None) -> "ClusterPublisher":
+        """The first seed node of the redis-cluster settings, with their TLS
+        and credentials (a cluster has only database 0)."""
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        seeds = seed_nodes(settings)
+        if not seeds:
+            raise ValueError("redis_cluster_host (or redis_cluster_nodes) is not set")
+        host, port = seeds[0]
+        seed = RedisAddress(host, port, settings.redis_username, settings.redis_password, 0, settings.redis_tls,
+                            settings.redis_tls_ca_file, settings.redis_connect_timeout)
+        return cls(seed, reactor)
+
+    def publish(self, channel: str, data: bytes) -> Deferred[int]:
+        """Fires with Redis's receiver count, or fails (with RedisError for
+        an error reply other than MOVED, or after MAX_REDIRECTS of them)."""
+        return self._lock.run(self._publish, channel, data)
+
+    @inlineCallbacks
+    def _publish(self, channel: str, data: bytes) -> Any:
+        slot = key_slot(channel)
+        address = self._owner.get(slot, (self.seed.host, self.seed.port))
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                receivers = yield self._node(address).publish(channel, data)
+                return receivers
+            except RedisError as exc:
+                moved = moved_to(exc)
+                if moved is None:
+                    raise
+                self.redirects += 1
+                address = self._owner[moved[0]] = moved[1]
+        raise RedisError(f"SPUBLISH {channel}: more than {MAX_REDIRECTS} MOVED replies")
+
+    def _node(self, address: Address) -> RedisPublisher:
+        node = self._nodes.get(address)
+        if node is None:
+            host, port = address
+            node = self._nodes[address] = RedisPublisher(
+                RedisAddress(host, port, self.seed.username, self.seed.password, 0, self.seed.tls,
+                             self.seed.ca_file, self.seed.timeout), self.reactor, sharded=True)
+        return node
+
+    def close(self) -> Deferred[None]:
+        closing = [node.close() for node in self._nodes.values()]
+        self._nodes.clear()
+        return DeferredList(closing).addCallback(lambda _: None)
