@@ -28,6 +28,7 @@ from twisted.python import usage
 
 from . import publish
 from .bus.channels import Layout
+from .bus.cluster import seed_nodes
 from .bus.cluster_publish import ClusterPublisher
 from .bus.redis_client import RedisPublisher
 from .config import DEFAULT_USER_ID, ConfigError, Settings, config_file_from, load
@@ -224,7 +225,7 @@ def run(reactor: Any, options: PublishOptions, settings: Settings, out: IO[str] 
     sharded = bool(options.common("sharded"))
     layout = Layout(settings.execution_event_bus_name, settings.notification_event_bus_name)
     redis: RedisPublisher | ClusterPublisher
-    if sharded and (settings.redis_cluster_host or settings.redis_cluster_nodes):
+    if sharded and seed_nodes(settings):
         redis = ClusterPublisher.from_settings(settings, reactor)  # to each slot's owner
     else:
         redis = RedisPublisher.from_settings(settings, reactor, sharded=sharded)

@@ -636,15 +636,6 @@ class OurClusterPublisher(ClusterTestCase):
         yield wait_for(lambda: len(received) == 6)
         self.assertEqual(sorted(received), sorted((c.encode(), b"round %d" % r) for r in (1, 2) for c in owners.values()))
 
-    def test_only_moved_is_followed(self) -> None:
-        from autogpt_ws.bus.cluster_publish import moved_to
-        from autogpt_ws.bus.resp import RedisError
-
-        self.assertEqual(moved_to(RedisError("MOVED 3999 127.0.0.1:7002")), (3999, ("127.0.0.1", 7002)))
-        self.assertEqual(moved_to(RedisError("MOVED 12 ::1:7000")), (12, ("::1", 7000)))
-        for other in ("ASK 3999 127.0.0.1:7002", "CLUSTERDOWN The cluster is down", "MOVED nonsense"):
-            self.assertIsNone(moved_to(RedisError(other)), other)
-
     @inlineCallbacks
     def test_demo_executor_on_the_cluster_bus(self) -> Any:
         from autogpt_ws.tap import build

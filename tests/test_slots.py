@@ -89,6 +89,8 @@ class SlotMapTests(TestCase):
         self.assertEqual(moved_target("MOVED 3999 127.0.0.1:6381"), (3999, ("127.0.0.1", 6381)))
         self.assertIsNone(moved_target("ASK 3999 127.0.0.1:6381"))
         self.assertIsNone(moved_target("CLUSTERDOWN The cluster is down"))
+        self.assertEqual(moved_target("MOVED 12 ::1:7000"), (12, ("::1", 7000)))
+        self.assertIsNone(moved_target("MOVED nonsense"))
 
     def test_backoff_doubles_to_eight_seconds_with_jitter(self) -> None:
         self.assertEqual([backoff(n, lambda: 0.5) for n in (1, 2, 3, 4, 5, 6, 9)],

@@ -15,6 +15,7 @@ events of one run that must arrive in order, not a bulk one.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, inlineCallbacks
@@ -23,22 +24,10 @@ from ..config import Settings
 from .cluster import seed_nodes
 from .redis_client import RedisAddress, RedisPublisher
 from .resp import RedisError
-from .slots import Address, key_slot, parse_address
+from .shard import moved_target
+from .slots import Address, key_slot
 
 MAX_REDIRECTS = 5
-
-
-def moved_to(error: RedisError) -> tuple[int, Address] | None:
-    """``MOVED <slot> <host>:<port>`` -> (slot, address); None for any
-    other error."""
-    kind, _, rest = str(error).partition(" ")
-    if kind != "MOVED":
-        return None
-    slot, _, where = rest.strip().partition(" ")
-    try:
-        return int(slot), parse_address(where)
-    except ValueError:
-        return None
 
 
 class ClusterPublisher:
@@ -62,8 +51,9 @@ class ClusterPublisher:
         if not seeds:
             raise ValueError("redis_cluster_host (or redis_cluster_nodes) is not set")
         host, port = seeds[0]
-        seed = RedisAddress(host, port, settings.redis_username, settings.redis_password, 0, settings.redis_tls,
-                            settings.redis_tls_ca_file, settings.redis_connect_timeout)
+        seed = RedisAddress(host, port, username=settings.redis_username, password=settings.redis_password,
+                            tls=settings.redis_tls, ca_file=settings.redis_tls_ca_file,
+                            timeout=settings.redis_connect_timeout)
         return cls(seed, reactor)
 
     def publish(self, channel: str, data: bytes) -> Deferred[int]:
@@ -80,7 +70,7 @@ class ClusterPublisher:
                 receivers = yield self._node(address).publish(channel, data)
                 return receivers
             except RedisError as exc:
-                moved = moved_to(exc)
+                moved = moved_target(str(exc))
                 if moved is None:
                     raise
                 self.redirects += 1
@@ -91,9 +81,8 @@ class ClusterPublisher:
         node = self._nodes.get(address)
         if node is None:
             host, port = address
-            node = self._nodes[address] = RedisPublisher(
-                RedisAddress(host, port, self.seed.username, self.seed.password, 0, self.seed.tls,
-                             self.seed.ca_file, self.seed.timeout), self.reactor, sharded=True)
+            node = self._nodes[address] = RedisPublisher(replace(self.seed, host=host, port=port), self.reactor,
+                                                         sharded=True)
         return node
 
     def close(self) -> Deferred[None]:

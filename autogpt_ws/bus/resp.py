@@ -115,10 +115,6 @@ class RedisProtocol(Protocol):
         # time 1 KiB of it has been parsed, so one big feed costs time
         # quadratic in its size; slices of FEED_SIZE keep that copy small
         size = len(data)
-        if size <= FEED_SIZE:
-            self._reader.feed(data)
-            self._drain()
-            return
         feed = self._reader.feed
         for offset in range(0, size, FEED_SIZE):
             feed(data, offset, min(FEED_SIZE, size - offset))
