@@ -144,6 +144,24 @@ class SecretVerifier:
 Fetcher = Callable[[str, float], "Deferred[bytes]"]
 
 
+def cleartext_remote_host(url: str) -> str | None:
+    """The host of a plain ``http://`` key-set URL that is not local, else
+    None.  Local, as the AutoGPT server counts it: localhost, 127.0.0.1,
+    ::1, or a single-label name (a container or service on a private
+    network, e.g. ``http://frontend:3000``)."""
+    if not url.startswith("http://"):
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return None  # a malformed URL fails loudly when fetched
+    if host in ("localhost", "127.0.0.1", "::1") or ("." not in host and ":" not in host):
+        return None
+    return host
+
+
 class KeySetVerifier:
     """JWT_JWKS_URL: keys picked by ``kid``, cached; an unknown kid refetches
     the set at most once per ``refetch_interval``; fetches time out."""
@@ -151,8 +169,10 @@ class KeySetVerifier:
     mode = "jwks"
 
     def __init__(self, url: str, algorithms: list[str], audience: str, leeway: float,
-                 timeout: float, refetch_interval: float, clock: IReactorTime, fetch: Fetcher) -> None:
+                 timeout: float, refetch_interval: float, clock: IReactorTime, fetch: Fetcher,
+                 allow_cleartext: bool = False) -> None:
         self._url = url
+        self._cleartext_host = None if allow_cleartext else cleartext_remote_host(url)
         self._algorithms = algorithms
         self._audience = audience
         self._leeway = leeway
@@ -166,6 +186,11 @@ class KeySetVerifier:
         self._waiters: list[Deferred[None]] = []
 
     def start(self) -> None:
+        if self._cleartext_host is not None:
+            log.warn("JWT_JWKS_URL fetches keys over cleartext http:// from a host that is not local ({host}): "
+                     "anyone in the network path could substitute them and forge tokens for any user. Use "
+                     "https://, or set JWKS_ALLOW_INSECURE_TRANSPORT=true to silence this if the path is trusted.",
+                     host=self._cleartext_host)
         self._refresh()
 
     def _refresh(self) -> Deferred[None]:
@@ -280,7 +305,7 @@ def verifier_for(settings: Settings, reactor: Any, fetch: Fetcher | None = None)
         return KeySetVerifier(
             settings.jwt_jwks_url, list(settings.jwt_jwks_algorithms), settings.jwt_audience,
             settings.jwt_leeway, settings.jwt_jwks_timeout, settings.jwt_jwks_refetch_interval,
-            reactor, fetch or http_fetcher(reactor),
+            reactor, fetch or http_fetcher(reactor), settings.jwks_allow_insecure_transport,
         )
     return SecretVerifier(settings.jwt_verify_key, settings.jwt_sign_algorithm,
                           settings.jwt_audience, settings.jwt_leeway)

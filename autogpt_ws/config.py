@@ -192,10 +192,13 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
            "an unknown kid refetches the key set at most this often (seconds)", minimum=0),
         _f("jwt_audience", "str", "authenticated", "JWT_AUDIENCE", "required audience"),
         _f("jwt_leeway", "float", 0.0, "JWT_LEEWAY", "clock skew allowed on exp/nbf/iat (seconds)", minimum=0),
-        _f("auth_failure", "str", "close", "AUTH_FAILURE",
-           "close: complete the handshake then close 4001/4002/4003; http: refuse the upgrade with 403",
-           choices=("close", "http")),
-        _f("token_expiry_close", "bool", True, "TOKEN_EXPIRY_CLOSE", "close a socket with 4003 Token expired when its token's exp passes"),
+        _f("jwks_allow_insecure_transport", "bool", False, "JWKS_ALLOW_INSECURE_TRANSPORT",
+           "key-set mode: no warning for a plain http:// JWKS URL on a host that is not local"),
+        _f("auth_failure", "str", "http", "AUTH_FAILURE",
+           "http: refuse the upgrade with 403, as the AutoGPT server does; close: complete the handshake then close 4001/4002/4003",
+           choices=("http", "close")),
+        _f("token_expiry_close", "bool", False, "TOKEN_EXPIRY_CLOSE",
+           "close a socket with 4003 Token expired when its token's exp passes (the AutoGPT server never does)"),
         _f("token_expiry_grace", "float", 0.0, "TOKEN_EXPIRY_GRACE", "seconds after exp before that close", minimum=0),
     )),
     ("HTTP", (
@@ -204,8 +207,10 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("enable_metrics", "bool", False, "ENABLE_METRICS", "serve Prometheus metrics on /metrics"),
     )),
     ("Event bus", (
-        _f("event_bus", "str", "memory", "EVENT_BUS", "memory (embedded), redis (classic PSUBSCRIBE) or redis-cluster (sharded)",
-           choices=("memory", "redis", "redis-cluster")),
+        _f("event_bus", "str", "auto", "EVENT_BUS",
+           "auto: memory when no Redis is configured, else ask that Redis (INFO cluster) and use redis-cluster or redis; "
+           "or name one: memory (embedded), redis (classic PSUBSCRIBE), redis-cluster (sharded SSUBSCRIBE)",
+           choices=("auto", "memory", "redis", "redis-cluster")),
         _f("execution_event_bus_name", "str", "execution_event", "EXECUTION_EVENT_BUS_NAME", "execution events channel prefix"),
         _f("notification_event_bus_name", "str", "notification_event", "NOTIFICATION_EVENT_BUS_NAME", "notifications channel prefix"),
         _f("redis_url", "str", "", "REDIS_URL", "redis:// or rediss:// URL; wins over the redis_* settings below"),
@@ -217,12 +222,19 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("redis_tls", "bool", False, "REDIS_TLS", "connect to Redis over TLS, verifying its name"),
         _f("redis_tls_ca_file", "str", "", "REDIS_TLS_CA_FILE", "CA bundle for Redis TLS (empty: system trust)"),
         _f("redis_connect_timeout", "float", 5.0, "REDIS_CONNECT_TIMEOUT", "seconds allowed to connect to Redis", minimum=0.1),
-        _f("redis_cluster_host", "str", "", "REDIS_CLUSTER_HOST", "redis-cluster: one seed node host"),
-        _f("redis_cluster_port", "int", 7000, "REDIS_CLUSTER_PORT", "redis-cluster: that seed node's port", minimum=1, maximum=65535),
+        _f("redis_cluster_host", "str", "", "REDIS_CLUSTER_HOST", "redis-cluster: the seed node's host (empty: redis_host)"),
+        _f("redis_cluster_port", "int", 0, "REDIS_CLUSTER_PORT", "redis-cluster: the seed node's port (0: redis_port)",
+           minimum=0, maximum=65535),
         _f("redis_cluster_nodes", "list", (), "REDIS_CLUSTER_NODES", "redis-cluster: more seed nodes, host:port"),
-        _f("database_url", "str", "", "DATABASE_URL", "redis-cluster: AutoGPT PostgreSQL, to find an execution's graph"),
-        _f("execution_not_found_reply", "bool", False, "EXECUTION_NOT_FOUND_REPLY",
-           "redis-cluster: answer an unknown execution with error 'Execution not found' (default: no reply)"),
+        _f("redis_use_announced_address", "bool", False, "REDIS_USE_ANNOUNCED_ADDRESS",
+           "redis-cluster: reach shards at the addresses or host names they announce (false: the seed host with the announced port)"),
+        _f("database_url", "str", "", "DATABASE_URL",
+           "redis-cluster: AutoGPT's PostgreSQL (Prisma URL; ?schema= honoured), to look an execution up"),
+        _f("database_timeout", "float", 5.0, "AUTOGPT_WS_DATABASE_TIMEOUT",
+           "redis-cluster: seconds an execution lookup may take before the subscribe gets an error reply", minimum=0.1),
+        _f("execution_not_found_reply", "bool", True, "EXECUTION_NOT_FOUND_REPLY",
+           "redis-cluster: answer a subscribe to an unknown, deleted or other user's execution with the AutoGPT "
+           "server's error (false: no reply)"),
         _f("max_message_size_limit", "size", 16 * MiB, "MAX_MESSAGE_SIZE_LIMIT",
            "largest event envelope published or accepted from the bus", minimum=1),
     )),
@@ -297,6 +309,7 @@ class Settings:
     jwt_jwks_refetch_interval: float
     jwt_audience: str
     jwt_leeway: float
+    jwks_allow_insecure_transport: bool
     auth_failure: str
     token_expiry_close: bool
     token_expiry_grace: float
@@ -317,7 +330,9 @@ class Settings:
     redis_cluster_host: str
     redis_cluster_port: int
     redis_cluster_nodes: tuple[str, ...]
+    redis_use_announced_address: bool
     database_url: str
+    database_timeout: float
     execution_not_found_reply: bool
     max_message_size_limit: int
     max_inbound_frame: int
@@ -421,15 +436,19 @@ def load(
     """
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    given: set[str] = set()  # keys the environment or command line set, or the file changed
     if file:
         for key, raw in read_file(file).items():
             values[key] = _convert(BY_KEY[key], raw, file)
+            if values[key] != BY_KEY[key].default:
+                given.add(key)
     for field in FIELDS:
         for name in field.env:
             raw = env.get(name)
             # an empty variable counts only where it is the sole name
             if raw is not None and (raw.strip() or (field.kind == "str" and len(field.env) == 1)):
                 values[field.key] = _convert(field, raw, f"${name}")
+                given.add(field.key)
                 break
     for key, raw in (overrides or {}).items():
         if raw is None:
@@ -437,8 +456,20 @@ def load(
         if key not in BY_KEY:
             raise ConfigError(key, "unknown setting", "command line")
         values[key] = _convert(BY_KEY[key], raw, "command line")
+        given.add(key)
+    if values.get("event_bus", "auto") == "auto" and not any(values.get(key) for key in given & REDIS_LOCATION):
+        values["event_bus"] = "memory"  # nothing names a Redis: the embedded bus
     settings = Settings(**values)
     return validate(settings)
+
+
+# Settings that say where a Redis is.  With event_bus auto, the server asks
+# that Redis what it is when any of them is set (not empty) by the
+# environment or the command line, or changed from its default by the file
+# (the generated config.yaml lists every default, and names no Redis);
+# otherwise it runs the embedded bus.
+REDIS_LOCATION = frozenset(("redis_url", "redis_host", "redis_port", "redis_cluster_host", "redis_cluster_port",
+                            "redis_cluster_nodes"))
 
 
 def validate(settings: Settings) -> Settings:
@@ -476,8 +507,6 @@ def validate(settings: Settings) -> Settings:
         host, _, port = node.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError("redis_cluster_nodes", f"{node!r} is not host:port")
-    if settings.event_bus == "redis-cluster" and not (settings.redis_cluster_host or settings.redis_cluster_nodes):
-        raise ConfigError("redis_cluster_host", "required when event_bus is redis-cluster (or list redis_cluster_nodes)")
     if settings.event_bus == "redis-cluster" and not settings.database_url:
         raise ConfigError("database_url", "required when event_bus is redis-cluster (an execution's graph id comes from the AutoGPT database)")
     return settings
@@ -560,13 +589,21 @@ def redis_address(settings: Settings) -> dict[str, Any]:
             "tls": parts.scheme == "rediss",
         }
     return {
-        "host": settings.redis_host,
+        "host": settings.redis_host or "localhost",
         "port": settings.redis_port,
         "username": settings.redis_username,
         "password": settings.redis_password,
         "db": settings.redis_db,
         "tls": settings.redis_tls,
     }
+
+
+def redis_seed(settings: Settings) -> tuple[str, int]:
+    """The cluster node the cluster bus (and the bus detection) asks first:
+    REDIS_CLUSTER_HOST/PORT where set, else the classic address
+    (REDIS_URL, or REDIS_HOST/REDIS_PORT), as the AutoGPT server does."""
+    address = redis_address(settings)
+    return settings.redis_cluster_host or address["host"], settings.redis_cluster_port or address["port"]
 
 
 def config_file_from(argument: str | None, env: Mapping[str, str] | None = None) -> str | None:

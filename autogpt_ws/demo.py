@@ -9,7 +9,7 @@ the run COMPLETED, a notification at the end.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
@@ -21,6 +21,10 @@ from .config import DEFAULT_USER_ID
 from .publish import Publisher, graph_event, node_event, notification, publish_event, publish_notification
 
 log = Logger()
+
+# where a run is published: (publisher, whether it takes the sharded channel
+# names), or None while that is not known (the bus is still being found out)
+Producer = Callable[[], "tuple[Publisher, bool] | None"]
 
 DEMO_GRAPH = "demo-graph"
 NODES = (
@@ -34,17 +38,14 @@ NODES = (
 class DemoExecutor(Service):
     name = "demo"
 
-    def __init__(self, publisher: Publisher, layout: Layout, clock: Any,
-                 user_id: str = DEFAULT_USER_ID, interval: float = 10.0, step: float = 0.5,
-                 sharded: bool = False, own_publisher: bool = False) -> None:
-        self.publisher = publisher
-        self.own_publisher = own_publisher  # close it on stop (it is nobody else's)
+    def __init__(self, producer: Producer, layout: Layout, clock: Any,
+                 user_id: str = DEFAULT_USER_ID, interval: float = 10.0, step: float = 0.5) -> None:
+        self.producer = producer
         self.layout = layout
         self.clock = clock
         self.user_id = user_id
         self.interval = interval
         self.step = step
-        self.sharded = sharded
         self.runs = 0
         self._loop: LoopingCall | None = None
         self._first: Any = None
@@ -66,12 +67,12 @@ class DemoExecutor(Service):
             self._first.cancel()
         for run in tuple(self._runs):  # a run in flight publishes nothing after stop
             run.cancel()
-        super().stopService()
-        if self.own_publisher:
-            return self.publisher.close()  # type: ignore[attr-defined, no-any-return]
-        return None
+        return super().stopService()  # type: ignore[no-any-return]
 
     def _start_run(self) -> None:
+        if self.producer() is None:
+            log.info("demo executor: the event bus cannot publish yet; skipping a run")
+            return
         self.runs += 1
         run = self.run(f"demo-exec-{self.runs}-{uuid.uuid4().hex[:8]}")
         self._runs.add(run)
@@ -81,28 +82,32 @@ class DemoExecutor(Service):
     @inlineCallbacks
     def run(self, exec_id: str) -> Any:
         """Publish one whole run, a step apart."""
+        produced = self.producer()
+        if produced is None:
+            raise RuntimeError("the event bus cannot publish yet")
+        publisher, sharded = produced
         log.info("demo run {graph_exec_id} of graph {graph_id} started", graph_exec_id=exec_id, graph_id=DEMO_GRAPH)
-        user, graph = self.user_id, DEMO_GRAPH
-        yield self._graph(exec_id, "QUEUED")
+        user, graph_id = self.user_id, DEMO_GRAPH
+
+        def graph(status: str, **extra: Any) -> Deferred[Any]:
+            return publish_event(publisher, self.layout, graph_event(user, graph_id, exec_id, status, **extra), sharded)
+
+        yield graph("QUEUED")
         yield self._pause()
-        yield self._graph(exec_id, "RUNNING")
+        yield graph("RUNNING")
         outputs: dict[str, list[Any]] = {}
         for index, (node_id, block, inputs, out) in enumerate(NODES):
             node_exec = f"{exec_id}-n{index}"
             for status in ("QUEUED", "RUNNING", "COMPLETED"):
                 yield self._pause()
-                event = node_event(user, graph, exec_id, node_exec, status, node_id=node_id, block_id=block,
+                event = node_event(user, graph_id, exec_id, node_exec, status, node_id=node_id, block_id=block,
                                    input_data=inputs, output_data=out if status == "COMPLETED" else {})
-                yield publish_event(self.publisher, self.layout, event, self.sharded)
+                yield publish_event(publisher, self.layout, event, sharded)
             outputs.update(out)
         yield self._pause()
-        yield self._graph(exec_id, "COMPLETED", outputs=outputs, stats={"node_count": len(NODES)})
-        yield publish_notification(self.publisher, self.layout,
+        yield graph("COMPLETED", outputs=outputs, stats={"node_count": len(NODES)})
+        yield publish_notification(publisher, self.layout,
                                    notification(user, "execution_completed", "Demo run finished", graph_exec_id=exec_id))
-
-    def _graph(self, exec_id: str, status: str, **extra: Any) -> Deferred[Any]:
-        event = graph_event(self.user_id, DEMO_GRAPH, exec_id, status, **extra)
-        return publish_event(self.publisher, self.layout, event, self.sharded)
 
     def _pause(self) -> Deferred[None]:
         return deferLater(self.clock, self.step, lambda: None)

@@ -20,7 +20,7 @@ from .hub import Hub
 from .metrics import Stats
 from .origins import OriginList
 from .protocol import CLOSE_GOING_AWAY, ServerProtocol
-from .session import Catchup, ExecutionResolver, Session
+from .session import Catchup, Session, SubscriptionGate
 
 log = Logger()
 
@@ -116,7 +116,7 @@ class WebsocketFactory(WebSocketServerFactory):
 
     def __init__(self, settings: Settings, hub: Hub, stats: Stats, verifier: TokenVerifier,
                  reactor: Any, catchup: Catchup | None = None,
-                 resolver: ExecutionResolver | None = None) -> None:
+                 gate: Callable[[], SubscriptionGate | None] = lambda: None) -> None:
         super().__init__(server=f"autogpt-ws/{__version__}", reactor=reactor)
         self.settings = settings
         self.hub = hub
@@ -124,7 +124,7 @@ class WebsocketFactory(WebSocketServerFactory):
         self.verifier = verifier
         self.clock = reactor
         self.catchup = catchup
-        self.resolver = resolver
+        self.gate = gate
         self.sockets: set[ServerProtocol] = set()
         self._drained: list[Deferred[None]] = []
         self.admission = Admission(settings, lambda: len(self.sockets))
@@ -149,7 +149,7 @@ class WebsocketFactory(WebSocketServerFactory):
     def session_for(self, proto: ServerProtocol) -> Session:
         s = self.settings
         return Session(proto, self.hub, self.stats, proto.send_reply, s.max_subscriptions_per_socket,
-                       self.catchup, self.resolver, s.execution_not_found_reply)
+                       self.catchup, self.gate, s.execution_not_found_reply)
 
     # -- shutdown -------------------------------------------------------------
 

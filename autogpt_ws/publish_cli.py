@@ -28,7 +28,6 @@ from twisted.python import usage
 
 from . import publish
 from .bus.channels import Layout
-from .bus.cluster import seed_nodes
 from .bus.cluster_publish import ClusterPublisher
 from .bus.redis_client import RedisPublisher
 from .config import DEFAULT_USER_ID, ConfigError, Settings, config_file_from, load
@@ -225,8 +224,8 @@ def run(reactor: Any, options: PublishOptions, settings: Settings, out: IO[str] 
     sharded = bool(options.common("sharded"))
     layout = Layout(settings.execution_event_bus_name, settings.notification_event_bus_name)
     redis: RedisPublisher | ClusterPublisher
-    if sharded and seed_nodes(settings):
-        redis = ClusterPublisher.from_settings(settings, reactor)  # to each slot's owner
+    if sharded:
+        redis = ClusterPublisher.from_settings(settings, reactor)  # to each slot's owner, from the seed
     else:
         redis = RedisPublisher.from_settings(settings, reactor, sharded=sharded)
     publisher = _Printing(redis, out)
@@ -243,7 +242,7 @@ def run(reactor: Any, options: PublishOptions, settings: Settings, out: IO[str] 
         elif form == "raw":
             yield publisher.publish(sub["channel"], sub["data"].encode("utf-8"))
         else:
-            demo = DemoExecutor(publisher, layout, reactor, user_id=sub["user"], step=sub["step"], sharded=sharded)
+            demo = DemoExecutor(lambda: (publisher, sharded), layout, reactor, user_id=sub["user"], step=sub["step"])
             yield demo.run(sub["exec"])
         return 0
     except Exception as exc:

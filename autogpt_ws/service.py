@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from .auth import TokenVerifier, verifier_for
-from .bus import IEventBus
+from .bus import IEventBus, make_bus
 from .bus.channels import Layout
 from .catchup import LatestEvents
 from .config import Settings
@@ -31,21 +31,6 @@ log = Logger()
 
 class StartupError(Exception):
     """The server cannot start; ``str()`` is the one line to show."""
-
-
-def make_bus(settings: Settings, router: Router, reactor: Any, stats: Stats, hub: Hub) -> IEventBus:
-    kind = settings.event_bus
-    if kind == "redis":
-        from .bus.redis import RedisBus
-
-        return RedisBus(settings, router, reactor, stats)
-    if kind == "redis-cluster":
-        from .bus.cluster import ClusterBus
-
-        return ClusterBus(settings, router, reactor, stats, hub)
-    from .bus.memory import MemoryBus
-
-    return MemoryBus(router)
 
 
 class WebsocketServer(MultiService):
@@ -66,10 +51,9 @@ class WebsocketServer(MultiService):
         self.stats = Stats()
         self.hub = Hub()
         self.layout = Layout(settings.execution_event_bus_name, settings.notification_event_bus_name)
-        # catch-up needs every graph event; the sharded bus only brings those
-        # of channels subscribed here, so it keeps none there
-        keeps_all = settings.event_bus in ("memory", "redis")
-        self.catchup = LatestEvents(settings, reactor, self.stats) if settings.catchup_enabled and keeps_all else None
+        # catch-up keeps what the bus brings: on the sharded bus, only the
+        # events of channels subscribed here (so it records none there yet)
+        self.catchup = LatestEvents(settings, reactor, self.stats) if settings.catchup_enabled else None
         self.metrics = Metrics(self.stats, lambda: self.hub.frames_out, self._bus_up,
                                (lambda: self.catchup.bytes if self.catchup else 0))
         self.router = Router(self.hub, self.stats, self.layout, self.metrics.fanout_latency.observe,
@@ -78,7 +62,7 @@ class WebsocketServer(MultiService):
         self.bus = bus or make_bus(settings, self.router, reactor, self.stats, self.hub)
         self.bus.setServiceParent(self)
         self.factory = WebsocketFactory(settings, self.hub, self.stats, self.verifier, reactor,
-                                        catchup=self.catchup, resolver=getattr(self.bus, "resolver", None))
+                                        catchup=self.catchup, gate=lambda: getattr(self.bus, "gate", None))
         root = Root(WebSocketResource(self.factory), self.ready,
                     self.metrics.render if settings.enable_metrics else None, settings.cors_allow_origins)
         self.site = QuietSite(root, websocket=self.factory, timeout=settings.open_handshake_timeout or None,

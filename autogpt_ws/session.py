@@ -13,6 +13,7 @@ from typing import Callable, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import wire
 from .hub import Hub, Sink
@@ -29,24 +30,30 @@ class Catchup(Protocol):
     def for_graph(self, user_id: str, graph_id: str, key: str) -> list[wire.OutFrame]: ...
 
 
-class ExecutionResolver(Protocol):
-    """Whether an execution may be subscribed (it exists and is the user's);
-    needed by buses that subscribe per channel."""
+class SubscriptionGate(Protocol):
+    """What a bus that subscribes per channel (the sharded cluster bus)
+    checks before a subscribe is answered, as the AutoGPT server does."""
 
-    def resolve(self, user_id: str, graph_exec_id: str) -> Deferred[bool]: ...
+    def execution(self, user_id: str, graph_exec_id: str) -> Deferred[bool]:
+        """True when the execution exists and is the user's; fails when that
+        cannot be told in time (the database is down)."""
+
+    def graph_refusal(self, user_id: str, graph_id: str) -> str | None:
+        """The error text refusing a graph subscription, or None."""
 
 
 class Session:
     def __init__(self, sink: Sink, hub: Hub, stats: Stats, send: Callable[[bytes], None],
                  max_subscriptions: int = 0, catchup: Catchup | None = None,
-                 resolver: ExecutionResolver | None = None, not_found_reply: bool = False) -> None:
+                 gate: Callable[[], SubscriptionGate | None] = lambda: None,
+                 not_found_reply: bool = True) -> None:
         self.sink = sink
         self.hub = hub
         self.stats = stats
         self.send = send
         self.max_subscriptions = max_subscriptions
         self.catchup = catchup
-        self.resolver = resolver
+        self.gate = gate
         self.not_found_reply = not_found_reply
 
     def handle(self, payload: bytes) -> Deferred[None] | None:
@@ -86,10 +93,17 @@ class Session:
         if limit and key not in self.sink.keys and len(self.sink.keys) >= limit:
             self.send(wire.error(wire.ERR_SUBSCRIPTION_LIMIT))
             return None
-        if self.resolver is not None and method == wire.SUBSCRIBE_EXEC:
-            d = self.resolver.resolve(user_id, ident)
-            d.addCallback(self._resolved, method, ident, key)
-            return d
+        gate = self.gate()  # the bus's, asked each time: an auto bus learns its kind after start
+        if gate is not None:
+            if method == wire.SUBSCRIBE_EXEC:
+                d = gate.execution(user_id, ident)
+                d.addCallbacks(self._resolved, self._lookup_failed, callbackArgs=(method, ident, key),
+                               errbackArgs=(ident,))
+                return d
+            refusal = gate.graph_refusal(user_id, ident)
+            if refusal is not None:
+                self.send(wire.error(refusal))
+                return None
         self._subscribed(method, ident, key)
         return None
 
@@ -99,8 +113,16 @@ class Session:
         if found:
             self._subscribed(method, ident, key)
         elif self.not_found_reply:
-            self.send(wire.error(wire.ERR_EXECUTION_NOT_FOUND))
-        # else: no reply, as the AutoGPT server does for an unknown execution
+            self.send(wire.error(wire.err_execution_not_found(ident, self.sink.user_id)))
+        # else: no reply (the setting's silent variant)
+
+    def _lookup_failed(self, failure: Failure, ident: str) -> None:
+        """The database is down or slow: an error reply, never silence."""
+        self.stats.handler_errors += 1
+        log.warn("execution lookup for user {user_id} failed: {error}", user_id=self.sink.user_id,
+                 error=failure.getErrorMessage() or failure.type.__name__)
+        if self.hub.attached(self.sink):
+            self.send(wire.error(wire.err_lookup_failed(ident, self.sink.user_id)))
 
     def _subscribed(self, method: str, ident: str, key: str) -> None:
         self.hub.subscribe(self.sink, key)

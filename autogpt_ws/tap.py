@@ -141,15 +141,8 @@ def build(settings: Settings, demo: bool = False, reactor: Any = None) -> IServi
     if demo:
         from .demo import DemoExecutor
 
-        sharded = settings.event_bus == "redis-cluster"
-        if sharded:
-            from .bus.cluster_publish import ClusterPublisher
-
-            publisher: Any = ClusterPublisher.from_settings(settings, server.reactor)
-        else:
-            publisher = getattr(server.bus, "publisher", None) or server.bus
-        DemoExecutor(publisher, server.layout, server.reactor, sharded=sharded,
-                     own_publisher=sharded).setServiceParent(server)
+        # the bus says how to publish (an auto bus only once it knows its kind)
+        DemoExecutor(server.bus.producer, server.layout, server.reactor).setServiceParent(server)
     return server
 
 

@@ -23,7 +23,27 @@ ERR_DATA_INVALID = "Invalid message data. Refer to the API schema"
 ERR_NOT_PROCESSED = "Message type is not processed by the server"
 ERR_SUBSCRIPTION_LIMIT = "Subscription limit reached"
 ERR_RATE_LIMITED = "Rate limit exceeded"
-ERR_EXECUTION_NOT_FOUND = "Execution not found"
+
+
+def err_execution_not_found(graph_exec_id: str, user_id: str) -> str:
+    """The AutoGPT server's reply to a subscribe to an execution that does
+    not exist, is deleted, or is another user's (sharded bus)."""
+    return f"graph_exec #{graph_exec_id} not found for user #{user_id}"
+
+
+def err_wildcard(channel: str) -> str:
+    """The AutoGPT server's reply to a graph id that would make a wildcard
+    shard channel (``channel`` is the whole channel name, quoted as Python's
+    repr quotes it, as upstream formats it)."""
+    return (f"channel_key {channel!r} contains a wildcard; sharded pub/sub "
+            "(SSUBSCRIBE) requires exact channel names.")
+
+
+def err_lookup_failed(graph_exec_id: str, user_id: str) -> str:
+    """Ours: the execution could not be looked up in time (the database is
+    down or slow); the AutoGPT server would leave the frame unanswered."""
+    return f"graph_exec #{graph_exec_id} could not be looked up for user #{user_id}; try again later"
+
 
 SUBSCRIBE_EXEC = "subscribe_graph_execution"
 SUBSCRIBE_GRAPH = "subscribe_graph_executions"

@@ -183,19 +183,21 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free loopback port, in its own directory."""
 
-    def __init__(self, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, port: int | None = None, extra: tuple[str, ...] = (),
+                 bind: tuple[str, ...] = ("127.0.0.1",)) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise SkipTest("redis-server is not installed (tests/run.sh installs it)")
         self.binary = binary
         self.port = port or free_port()
         self.extra = extra
+        self.bind = bind
         self.dir = tempfile.mkdtemp(prefix="redis-test-")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "RedisServer":
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, "--port", str(self.port), "--bind", *self.bind, "--save", "", "--appendonly", "no",
              "--dir", self.dir, "--daemonize", "no", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -604,15 +606,27 @@ CLUSTER_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf
 POSTGRES_ADMIN_URL = os.environ.get("AUTOGPT_WS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+# port -> password of the test Redis servers that have one (redis_call logs in)
+PASSWORDS: dict[int, str] = {}
+
+
 def redis_call(port: int, *args: str | bytes | int) -> Any:
-    """One command on a fresh blocking connection (test setup and checks)."""
+    """One command on a fresh blocking connection (test setup and checks);
+    logs in first where the server on ``port`` has a password."""
     reader = _hiredis.Reader()
+    password = PASSWORDS.get(port)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(_encode(args))
+        sock.sendall((_encode(("AUTH", password)) if password else b"") + _encode(args))
+        answers = 2 if password else 1
         while True:
             reply = reader.gets()
             if reply is not False:
-                return reply
+                answers -= 1
+                if answers == 0:
+                    return reply
+                if isinstance(reply, _hiredis.ReplyError):
+                    raise ConnectionError(f"redis on {port} refused the password: {reply}")
+                continue
             chunk = sock.recv(65536)
             if not chunk:
                 raise ConnectionError(f"redis on {port} closed the connection")
@@ -622,15 +636,25 @@ def redis_call(port: int, *args: str | bytes | int) -> Any:
 class RedisCluster:
     """3 masters, each with ``replicas`` replicas."""
 
-    def __init__(self, replicas: int = 0, node_timeout: int = 5000) -> None:
+    def __init__(self, replicas: int = 0, node_timeout: int = 5000, password: str = "",
+                 bind: tuple[str, ...] = ("127.0.0.1",), announce: Any = None) -> None:
+        """``announce(index)`` gives node ``index`` more arguments (what it
+        announces: cluster-announce-ip/-hostname...); ``password`` is
+        required on every node (requirepass and masterauth)."""
         if shutil.which("redis-cli") is None:
             raise SkipTest("redis-cli is not installed")
         self.replicas = replicas
+        self.password = password
+        auth = ("--requirepass", password, "--masterauth", password) if password else ()
         # the cluster bus port defaults to port + 10000, which may not exist
         # or be free: pick it too
         self.nodes = [RedisServer(extra=(*CLUSTER_ARGS, "--cluster-node-timeout", str(node_timeout),
-                                         "--cluster-port", str(free_port())))
-                      for _ in range(3 * (1 + replicas))]
+                                         "--cluster-port", str(free_port()), *auth,
+                                         *(announce(index) if announce is not None else ())), bind=bind)
+                      for index in range(3 * (1 + replicas))]
+        for node in self.nodes:
+            if password:
+                PASSWORDS[node.port] = password
 
     @property
     def ports(self) -> list[int]:
@@ -644,7 +668,8 @@ class RedisCluster:
             node.start()
         _subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                          "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-                        check=True, capture_output=True, timeout=60)
+                        check=True, capture_output=True, timeout=60,
+                        env={**os.environ, "REDISCLI_AUTH": self.password} if self.password else None)
         self.wait_ok()
 
     def wait_ok(self, timeout: float = 30.0) -> None:
@@ -730,8 +755,8 @@ def shared_fixture(name: str, make: Any) -> Any:
     return value
 
 
-def make_cluster(replicas: int = 0, node_timeout: int = 5000) -> RedisCluster:
-    cluster = RedisCluster(replicas, node_timeout)
+def make_cluster(replicas: int = 0, node_timeout: int = 5000, **kwargs: Any) -> RedisCluster:
+    cluster = RedisCluster(replicas, node_timeout, **kwargs)
     _atexit.register(cluster.stop)
     cluster.start()
     return cluster
@@ -756,15 +781,22 @@ class AutogptDatabase:
         self.conn = psycopg.connect(self.url, autocommit=True)
         for schema in ("public", "platform"):
             self.conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            # the columns the lookup reads, as AutoGPT's Prisma schema names them
             self.conn.execute(f'CREATE TABLE "{schema}"."AgentGraphExecution" '
-                              '("id" text PRIMARY KEY, "agentGraphId" text NOT NULL, "userId" text NOT NULL)')
+                              '("id" text PRIMARY KEY, "agentGraphId" text NOT NULL, "userId" text NOT NULL, '
+                              '"isDeleted" boolean NOT NULL DEFAULT false)')
 
     def add(self, exec_id: str, graph_id: str, user_id: str, schema: str = "public") -> None:
         self.conn.execute(f'INSERT INTO "{schema}"."AgentGraphExecution" ("id", "agentGraphId", "userId") '
                           'VALUES (%s, %s, %s)', (exec_id, graph_id, user_id))
 
-    def delete(self, exec_id: str) -> None:
-        self.conn.execute('DELETE FROM "AgentGraphExecution" WHERE "id" = %s', (exec_id,))
+    def delete(self, exec_id: str, schema: str = "public") -> None:
+        self.conn.execute(f'DELETE FROM "{schema}"."AgentGraphExecution" WHERE "id" = %s', (exec_id,))
+
+    def soft_delete(self, exec_id: str, schema: str = "public") -> None:
+        """What AutoGPT does when a user deletes a run."""
+        self.conn.execute(f'UPDATE "{schema}"."AgentGraphExecution" SET "isDeleted" = true WHERE "id" = %s',
+                          (exec_id,))
 
     def our_connections(self) -> int:
         row = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
@@ -802,6 +834,8 @@ class ClusterPublisher:
         conn = self.conns.get(address)
         if conn is None or not conn.connected:
             conn = yield _redis_connect(reactor, address[0], address[1], timeout=2)
+            if self.cluster.password:
+                yield conn.command("AUTH", self.cluster.password)
             self.conns[address] = conn
             self.opened.append(conn)
         return conn

@@ -223,7 +223,8 @@ class DisabledMode(AuthCase):
 
 class SharedSecretMode(AuthCase):
     def server(self, **overrides: Any) -> WebsocketServer:
-        return start_server(self, enable_auth=True, jwt_verify_key=SECRET, **overrides)
+        return start_server(self, **{"enable_auth": True, "auth_failure": "close", "jwt_verify_key": SECRET,
+                                     **overrides})
 
     @inlineCallbacks
     def test_matrix(self) -> Any:
@@ -302,19 +303,25 @@ class SharedSecretMode(AuthCase):
         yield self.assertUser(server.port, tq(token("user-9")), "user-9")
 
     @inlineCallbacks
-    def test_http_failure_mode_from_the_environment(self) -> Any:
-        settings = load(None, env={"AUTH_FAILURE": "http", "ENABLE_AUTH": "true", "JWT_VERIFY_KEY": SECRET},
+    def test_http_403_is_the_default(self) -> Any:
+        """As the AutoGPT server puts it on the wire (uvicorn answers a close
+        before accept with 403); AUTH_FAILURE=close is the other choice."""
+        settings = load(None, env={"ENABLE_AUTH": "true", "JWT_VERIFY_KEY": SECRET},
                         overrides={"host": "127.0.0.1", "port": 0})
         self.assertEqual(settings.auth_failure, "http")
         server = start_server(self, settings)
-        data = yield raw_request(server.port, upgrade_request("/ws"))
-        self.assertTrue(data.startswith(b"HTTP/1.1 403 "), data[:80])
+        for query in ("", tq(token(key="x" * 40))):
+            data = yield raw_request(server.port, upgrade_request("/ws?" + query))
+            self.assertTrue(data.startswith(b"HTTP/1.1 403 "), data[:80])
+        closing = load(None, env={"ENABLE_AUTH": "true", "JWT_VERIFY_KEY": SECRET, "AUTH_FAILURE": "close"})
+        self.assertEqual(closing.auth_failure, "close")
 
     @inlineCallbacks
     def test_supabase_secret_fallback(self) -> Any:
         base = {"ENABLE_AUTH": "true"}
         other = "another-secret-long-enough-for-hs256-abcdefghijkl"
-        settings = load(None, env={**base, "SUPABASE_JWT_SECRET": SECRET}, overrides={"host": "127.0.0.1", "port": 0})
+        settings = load(None, env={**base, "SUPABASE_JWT_SECRET": SECRET},
+                        overrides={"host": "127.0.0.1", "port": 0, "auth_failure": "close"})
         self.assertEqual(settings.jwt_verify_key, SECRET)
         both = load(None, env={**base, "JWT_VERIFY_KEY": other, "SUPABASE_JWT_SECRET": SECRET})
         self.assertEqual(both.jwt_verify_key, other)
@@ -342,7 +349,7 @@ class PublicKeyMode(AuthCase):
         pair = keypair("rsa")
         pem = pair.public_pem()
         settings = load(None, env={"ENABLE_AUTH": "true", "JWT_SIGN_ALGORITHM": "RS256", "JWT_VERIFY_KEY": pem},
-                        overrides={"host": "127.0.0.1", "port": 0})
+                        overrides={"host": "127.0.0.1", "port": 0, "auth_failure": "close"})
         server = start_server(self, settings)
         confusion = forge({"alg": "HS256", "typ": "JWT"}, claims("attacker"), pem.encode())
         confusion_stripped = forge({"alg": "HS256", "typ": "JWT"}, claims("attacker"), pem.strip().encode())
@@ -364,7 +371,7 @@ class PublicKeyMode(AuthCase):
     @inlineCallbacks
     def test_es256_pem(self) -> Any:
         pair = keypair("ec")
-        server = start_server(self, enable_auth=True, jwt_sign_algorithm="ES256", jwt_verify_key=pair.public_pem())
+        server = start_server(self, enable_auth=True, auth_failure="close", jwt_sign_algorithm="ES256", jwt_verify_key=pair.public_pem())
         yield self.assertMatrix(server.port, [
             ("valid", tq(pair.token(sub="user-e")), "user-e"),
             ("another EC key", tq(keypair("ec-other").token()), INVALID),
@@ -410,14 +417,14 @@ class KeySetMode(AuthCase):
     @inlineCallbacks
     def test_matrix_from_a_file_url(self) -> Any:
         url = self.key_set_file(jwks(keypair("ec"), keypair("rsa"), keypair("ed")))
-        server = start_server(self, enable_auth=True, jwt_jwks_url=url)
+        server = start_server(self, enable_auth=True, auth_failure="close", jwt_jwks_url=url)
         self.assertEqual(server.verifier.mode, "jwks")
         yield self.assertMatrix(server.port, self.matrix())
 
     @inlineCallbacks
     def test_matrix_over_http(self) -> Any:
         page, url = serve_key_set(self, jwks(keypair("ec"), keypair("rsa"), keypair("ed")))
-        server = start_server(self, enable_auth=True, jwt_jwks_url=url)
+        server = start_server(self, enable_auth=True, auth_failure="close", jwt_jwks_url=url)
         yield self.assertMatrix(server.port, self.matrix())
         # one fetch at startup; unknown kids within the minute fetch nothing more
         self.assertEqual(page.requests, 1)
@@ -427,7 +434,7 @@ class KeySetMode(AuthCase):
         """A JWKS whose keys do not name their algorithm: the key type still
         decides (an ES256 token under an RSA kid fails)."""
         url = self.key_set_file(jwks(keypair("ec"), keypair("rsa"), keypair("ed"), with_alg=False))
-        server = start_server(self, enable_auth=True, jwt_jwks_url=url)
+        server = start_server(self, enable_auth=True, auth_failure="close", jwt_jwks_url=url)
         ec_pair, rsa_pair, ed_pair = keypair("ec"), keypair("rsa"), keypair("ed")
         yield self.assertMatrix(server.port, [
             ("ES256", tq(ec_pair.token(sub="a")), "a"),
@@ -444,7 +451,7 @@ class KeySetMode(AuthCase):
     @inlineCallbacks
     def test_single_key_without_kid(self) -> Any:
         url = self.key_set_file(jwks(keypair("ed")))
-        server = start_server(self, enable_auth=True, jwt_jwks_url=url)
+        server = start_server(self, enable_auth=True, auth_failure="close", jwt_jwks_url=url)
         yield self.assertUser(server.port, tq(keypair("ed").token(kid=None, sub="solo")), "solo")
 
     @inlineCallbacks
@@ -462,7 +469,7 @@ class KeySetMode(AuthCase):
         ec_pair, rsa_pair = keypair("ec"), keypair("rsa")
         page, url = serve_key_set(self, jwks(ec_pair))
         clock = task.Clock()
-        settings = make_settings(enable_auth=True, jwt_jwks_url=url)
+        settings = make_settings(enable_auth=True, jwt_jwks_url=url, auth_failure="close")
         verifier = KeySetVerifier(url, list(settings.jwt_jwks_algorithms), "authenticated", 0.0, 2.0, 60.0,
                                   clock, http_fetcher(reactor))
         server = WebsocketServer(settings, reactor=reactor, verifier=verifier)
@@ -505,7 +512,7 @@ class KeySetMode(AuthCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        server = start_server(self, enable_auth=True, jwt_jwks_url=url, jwt_jwks_timeout=0.3)
+        server = start_server(self, enable_auth=True, auth_failure="close", jwt_jwks_url=url, jwt_jwks_timeout=0.3)
         # the token waits for the startup fetch; that one times out, then 4003
         yield self.assertClosed(server.port, tq(keypair("ec").token()), INVALID)
         self.assertEqual(len(connections), 1)
@@ -670,7 +677,7 @@ class TokenNeverLogged(AuthCase):
 
     @inlineCallbacks
     def test_shared_secret(self) -> Any:
-        server = start_server(self, enable_auth=True, jwt_verify_key=SECRET)
+        server = start_server(self, enable_auth=True, auth_failure="close", jwt_verify_key=SECRET)
         yield self.check(server, token("user-log"), token("user-log", key="wrong" * 10))
 
     @inlineCallbacks

@@ -32,7 +32,7 @@ from autogpt_ws.bus.channels import Layout
 from autogpt_ws.bus.executions import ExecutionResolver
 from autogpt_ws.bus.slots import key_slot
 from autogpt_ws.service import WebsocketServer
-from tests.helpers import (SECRET, U, AutogptDatabase, Client, ClusterPublisher, RedisCluster, free_port,
+from tests.helpers import (SECRET, U, AutogptDatabase, Client, ClusterPublisher, RedisCluster, SilentServer, free_port,
                            make_cluster, make_database, redis_call, shared_fixture, sleep, start_server, token,
                            wait_for)
 from tests.helpers import connect as ws_connect
@@ -282,7 +282,7 @@ class ExecutionLookupTests(ClusterTestCase):
         mine, theirs, graph = uid("e"), uid("e"), uid("g")
         db.add(mine, graph, U)
         db.add(theirs, graph, "someone-else")
-        server = yield self.serve(db)
+        server = yield self.serve(db, execution_not_found_reply=False)  # the silent variant
         resolver = server.bus.resolver
         first = yield self.client(server)
         reply = yield self.subscribe(server, first, "graph_exec_id", mine)
@@ -307,16 +307,61 @@ class ExecutionLookupTests(ClusterTestCase):
         self.assertFalse({c for c in held if theirs in c}, "another user's execution is not subscribed")
 
     @inlineCallbacks
-    def test_not_found_reply_when_configured(self) -> None:
+    def test_not_found_is_the_autogpt_servers_error(self) -> None:
+        """Another user's run, an unknown one and a deleted one (AutoGPT
+        soft-deletes: "isDeleted" = true) get upstream's reply, byte for
+        byte; the schema comes from DATABASE_URL's ?schema=, as in AutoGPT's
+        deployments (platform)."""
         db = self.database()
-        theirs = uid("e")
-        db.add(theirs, uid("g"), "someone-else")
-        server = yield self.serve(db, execution_not_found_reply=True)
+        theirs, deleted, mine, graph = uid("e"), uid("e"), uid("e"), uid("g")
+        db.add(theirs, graph, "someone-else", schema="platform")
+        db.add(deleted, graph, U, schema="platform")
+        db.soft_delete(deleted, schema="platform")
+        db.add(mine, graph, U, schema="platform")
+        db.add(deleted, graph, U)  # public has a live row of that id: the URL's schema must win
+        server = yield self.serve(db, database_url=db.url + "?schema=platform&connection_limit=5")
         client = yield self.client(server)
-        for execution in (theirs, uid("unknown")):
+        for execution in (theirs, uid("unknown"), deleted):
             reply = yield client.request(json.dumps({"method": "subscribe_graph_execution",
                                                      "data": {"graph_exec_id": execution}}))
-            self.assertEqual(reply, b'{"method":"error","data":null,"success":false,"channel":null,"error":"Execution not found"}')
+            self.assertEqual(reply, b'{"method":"error","data":null,"success":false,"channel":null,'
+                                    b'"error":"graph_exec #%s not found for user #%s"}' % (execution.encode(), U.encode()))
+            self.assertFalse(server.hub.wants(wire.exec_key(U, execution)))
+        reply = yield self.subscribe(server, client, "graph_exec_id", mine)
+        self.assertEqual(reply["channel"], f"{U}|graph_exec#{mine}")
+
+    @inlineCallbacks
+    def test_wildcard_graph_is_upstreams_error(self) -> None:
+        server = yield self.serve()
+        client = yield self.client(server)
+        reply = yield client.request(json.dumps({"method": "subscribe_graph_executions", "data": {"graph_id": "g*"}}))
+        self.assertEqual(reply, b'{"method":"error","data":null,"success":false,"channel":null,"error":"channel_key '
+                                b"'execution_event/{%s/g*}/all' contains a wildcard; sharded pub/sub (SSUBSCRIBE) "
+                                b'requires exact channel names."}' % U.encode())
+        self.assertEqual(list(server.hub.keys()), [])
+        reply = yield self.subscribe(server, client, "graph_id", "g-plain")
+        self.assertTrue(reply["success"])
+
+    @inlineCallbacks
+    def test_database_down_gets_an_error_reply_in_time(self) -> None:
+        """A database that refuses, and one that accepts and never answers:
+        the subscribe is answered with an error within the lookup timeout,
+        and the socket stays usable."""
+        hung = SilentServer(self)
+        for url in (f"postgresql://postgres@127.0.0.1:{free_port()}/autogpt",
+                    f"postgresql://postgres@127.0.0.1:{hung.port}/autogpt"):
+            server = yield self.serve(database_url=url, database_timeout=0.5)
+            client = yield self.client(server)
+            execution = uid("e")
+            started = reactor.seconds()
+            reply = yield client.request(json.dumps({"method": "subscribe_graph_execution",
+                                                     "data": {"graph_exec_id": execution}}))
+            self.assertLess(reactor.seconds() - started, 3.0)
+            self.assertEqual(json.loads(reply), {
+                "method": "error", "data": None, "success": False, "channel": None,
+                "error": f"graph_exec #{execution} could not be looked up for user #{U}; try again later"})
+            yield self.barrier(client)
+            self.assertEqual(server.stats.handler_errors, 1)
 
 
 class ResolverTests(TestCase):

@@ -216,8 +216,7 @@ class Rejections(Base):
         # outside prod, localhost is fine
         load(None, {**NO_AUTH, "APP_ENV": "dev"})
 
-    def test_redis_cluster_needs_a_seed(self) -> None:
-        self.refused("redis_cluster_host", env={**NO_AUTH, "EVENT_BUS": "redis-cluster"}, contains="required")
+    def test_redis_cluster_needs_a_database(self) -> None:
         self.refused("database_url", env={**NO_AUTH, "EVENT_BUS": "redis-cluster", "REDIS_CLUSTER_HOST": "r1"},
                      contains="required")
         settings = load(None, {**NO_AUTH, "EVENT_BUS": "redis-cluster", "REDIS_CLUSTER_NODES": "r1:7000,r2:7001",
@@ -328,3 +327,57 @@ class Sources(Base):
         self.assertEqual(out.getvalue(), config.render_markdown())
         with redirect_stderr(io.StringIO()):
             self.assertEqual(config.main([]), 2)
+
+
+class BusChoice(Base):
+    """event_bus auto: the embedded bus unless something names a Redis; then
+    the server asks that Redis (AutoGPT's deployments name no bus)."""
+
+    def bus(self, env: dict[str, str], file_text: str | None = None, **overrides: Any) -> str:
+        path = None
+        if file_text is not None:
+            path = self.mktemp()
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(file_text)
+        return load(path, {**NO_AUTH, **env}, overrides).event_bus
+
+    def test_nothing_named_is_the_embedded_bus(self) -> None:
+        self.assertEqual(self.bus({}), "memory")
+        self.assertEqual(self.bus({"REDIS_HOST": ""}), "memory")  # an empty variable names nothing
+        self.assertEqual(self.bus({}, config.render_yaml()), "memory")  # every default, listed
+        self.assertEqual(self.bus({}, "redis_host: localhost\nredis_port: 6379\n"), "memory")
+
+    def test_a_redis_named_anywhere_is_asked(self) -> None:
+        for env in ({"REDIS_HOST": "redis-0", "REDIS_PORT": "17000"}, {"REDIS_HOST": "localhost"},
+                    {"REDIS_PORT": "6380"}, {"REDIS_URL": "redis://cache:6379"}, {"REDIS_CLUSTER_HOST": "c"},
+                    {"REDIS_CLUSTER_NODES": "c1:7000"}):
+            self.assertEqual(self.bus(env), "auto", env)
+        self.assertEqual(self.bus({}, "redis_host: redis-0\n"), "auto")
+        self.assertEqual(self.bus({}, redis_host="127.0.0.1"), "auto")
+
+    def test_a_named_bus_wins(self) -> None:
+        self.assertEqual(self.bus({"REDIS_HOST": "redis-0", "EVENT_BUS": "memory"}), "memory")
+        self.assertEqual(self.bus({"REDIS_HOST": "redis-0", "EVENT_BUS": "redis"}), "redis")
+        self.assertEqual(self.bus({"REDIS_HOST": "redis-0"}, event_bus="redis"), "redis")
+        self.assertEqual(self.bus({}, "event_bus: redis\n"), "redis")
+
+    def test_cluster_seed_as_the_autogpt_server_takes_it(self) -> None:
+        def seed(**env: str) -> tuple[str, int]:
+            return config.redis_seed(load(None, {**NO_AUTH, **env}))
+
+        self.assertEqual(seed(REDIS_HOST="redis-0", REDIS_PORT="17000"), ("redis-0", 17000))
+        self.assertEqual(seed(REDIS_HOST="redis-0", REDIS_PORT="17000", REDIS_CLUSTER_HOST="rc",
+                              REDIS_CLUSTER_PORT="7000"), ("rc", 7000))
+        # each variable falls back on its own, as upstream's os.getenv chains do
+        self.assertEqual(seed(REDIS_HOST="redis-0", REDIS_PORT="17000", REDIS_CLUSTER_HOST="rc"), ("rc", 17000))
+        self.assertEqual(seed(REDIS_HOST="redis-0", REDIS_CLUSTER_PORT="7001"), ("redis-0", 7001))
+        self.assertEqual(seed(REDIS_URL="redis://:pw@cache:6390/0"), ("cache", 6390))
+        self.assertEqual(seed(), ("localhost", 6379))
+
+    def test_autogpt_defaults_of_the_websocket_service(self) -> None:
+        settings = load(None, {"JWT_JWKS_URL": "http://frontend:3000/api/auth/jwks"})
+        self.assertEqual((settings.auth_failure, settings.token_expiry_close, settings.execution_not_found_reply,
+                          settings.redis_use_announced_address, settings.jwt_jwks_algorithms),
+                         ("http", False, True, False, ("ES256", "RS256", "EdDSA")))
+        settings = load(None, {**NO_AUTH, "REDIS_USE_ANNOUNCED_ADDRESS": "true"})
+        self.assertTrue(settings.redis_use_announced_address)

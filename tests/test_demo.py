@@ -16,7 +16,7 @@ class DemoRun(TestCase):
     @inlineCallbacks
     def test_run_reaches_a_subscribed_socket_in_order(self) -> None:
         server = start_server(self)
-        demo = DemoExecutor(server.bus, server.layout, reactor, step=0.001)
+        demo = DemoExecutor(server.bus.producer, server.layout, reactor, step=0.001)
         client = yield connect(server.port, test=self)
         yield client.request('{"method":"subscribe_graph_execution","data":{"graph_exec_id":"run-1"}}')
         yield demo.run("run-1")

@@ -197,16 +197,19 @@ class HubTests(TestCase):
         self.assertEqual(len(watcher.calls), 6)
 
 
-class PendingResolver:
+class PendingGate:
     """Execution lookups that answer when the test says."""
 
     def __init__(self) -> None:
         self.pending: list[Deferred[bool]] = []
 
-    def resolve(self, user_id: str, graph_exec_id: str) -> Deferred[bool]:
+    def execution(self, user_id: str, graph_exec_id: str) -> Deferred[bool]:
         d: Deferred[bool] = Deferred()
         self.pending.append(d)
         return d
+
+    def graph_refusal(self, user_id: str, graph_id: str) -> str | None:
+        return None
 
 
 class SessionCleanupTests(TestCase):
@@ -219,9 +222,9 @@ class SessionCleanupTests(TestCase):
         self.hub = Hub()
         self.sink = FakeSink("u1")
         self.hub.attach(self.sink)
-        self.resolver = PendingResolver()
+        self.resolver = PendingGate()
         self.replies: list[bytes] = []
-        self.session = Session(self.sink, self.hub, Stats(), self.replies.append, resolver=self.resolver)
+        self.session = Session(self.sink, self.hub, Stats(), self.replies.append, gate=lambda: self.resolver)
 
     def test_lookup_answered_while_open(self) -> None:
         self.assertIsNotNone(self.session.handle(self.SUBSCRIBE))

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from autogpt_ws.service import WebsocketServer
-from tests.helpers import SECRET, RawClient, raw_connect, sleep, start_server, token, wait_for
+from tests.helpers import SECRET, RawClient, make_settings, raw_connect, sleep, start_server, token, wait_for
 
 HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'
 PONG = b'{"method":"heartbeat","data":"pong","success":true}'
@@ -55,7 +55,7 @@ class Keepalive(TestCase):
         self.assertEqual((yield client.request(HEARTBEAT)), PONG)
 
 
-AUTH = {"enable_auth": True, "jwt_verify_key": SECRET}
+AUTH = {"enable_auth": True, "jwt_verify_key": SECRET, "token_expiry_close": True}
 
 
 class TokenLifetime(TestCase):
@@ -63,7 +63,7 @@ class TokenLifetime(TestCase):
     time lets a test step over the deadline exactly."""
 
     def server(self, **overrides: Any) -> tuple[WebsocketServer, Clock]:
-        server = start_server(self, **AUTH, **overrides)
+        server = start_server(self, **{**AUTH, **overrides})
         clock = Clock()
         clock.advance(time.time())
         server.factory.clock = clock
@@ -97,7 +97,9 @@ class TokenLifetime(TestCase):
         self.assertEqual((client.close_code, client.close_reason), (4003, "Token expired"))
 
     @inlineCallbacks
-    def test_off_switch(self) -> None:
+    def test_off_by_default(self) -> None:
+        """The AutoGPT server never re-checks a token on an open socket."""
+        self.assertFalse(make_settings().token_expiry_close)
         server, clock = self.server(token_expiry_close=False)
         exp = int(time.time()) + 60
         client = yield raw_connect(server.port, path=f"/ws?token={token(exp=exp)}", test=self)

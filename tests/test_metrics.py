@@ -64,7 +64,7 @@ class Metrics(TestCase):
 
     @inlineCallbacks
     def test_every_family_moves(self) -> None:
-        server = start_server(self, enable_metrics=True, enable_auth=True, jwt_verify_key=SECRET)
+        server = start_server(self, enable_metrics=True, enable_auth=True, jwt_verify_key=SECRET, auth_failure="close")
         bus: Any = server.bus
         layout = server.layout
         before = yield scrape(server)

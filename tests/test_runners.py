@@ -272,13 +272,16 @@ class ForegroundRunner(TestCase):
     def test_token_never_logged(self) -> None:
         port = free_port()
         proc = Process(self, ws_py("--host", "127.0.0.1", "--port", str(port), "--log-level", "debug"),
-                       env=clean_env(ENABLE_AUTH="true", JWT_VERIFY_KEY="k" * 40))
+                       env=clean_env(ENABLE_AUTH="true", JWT_VERIFY_KEY="k" * 40, AUTH_FAILURE="close"))
         proc.wait_healthy(port)
         self.assertEqual(http_get(port, "/health?token=SECRETXYZ&x=1")[0], 200)
         sock, data = ws_open(port, "/ws?token=SECRETXYZ")
         with sock:
             while len(data) < data.find(b"\r\n\r\n") + 6:
-                data += sock.recv(4096)
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
         self.assertTrue(data.startswith(b"HTTP/1.1 101"), data)
         close = data[data.find(b"\r\n\r\n") + 4:]
         self.assertEqual((close[0], int.from_bytes(close[2:4], "big")), (0x88, 4003))  # an invalid token

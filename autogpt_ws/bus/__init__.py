@@ -1,22 +1,57 @@
 """Event sources behind one interface.
 
 A bus is a Twisted service that delivers (channel, envelope bytes) to the
-router.  ``memory`` is embedded (the default: no Redis needed); ``redis``
-consumes AutoGPT's classic PSUBSCRIBE channels; ``redis-cluster`` consumes
-the sharded SSUBSCRIBE channels of a Redis Cluster.
+router.  ``memory`` is embedded (no Redis needed); ``redis`` consumes
+AutoGPT's classic PSUBSCRIBE channels; ``redis-cluster`` consumes the
+sharded SSUBSCRIBE channels of a Redis Cluster; ``auto`` asks the
+configured Redis which of the two it is and runs that one.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from twisted.application.service import IService
 from zope.interface import Attribute
 
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..hub import Hub
+    from ..metrics import Stats
+    from ..router import Router
+
 
 class IEventBus(IService):
-    kind = Attribute("short name of the bus, for logs: memory, redis, redis-cluster")
+    kind = Attribute("short name of the bus, for logs: memory, redis, redis-cluster, auto")
 
     def ready() -> tuple[bool, str]:
         """(True, "") when connected and subscribed, else (False, why)."""
 
     def describe() -> str:
         """Where the bus reads from, for the startup line (no secrets)."""
+
+    def producer() -> "tuple[Any, bool] | None":
+        """(publisher, sharded) for producers in this process (the demo
+        executor): something with ``publish(channel, data)``, and whether it
+        takes the sharded channel names; None while the bus cannot say."""
+
+
+def make_bus(settings: "Settings", router: "Router", reactor: Any, stats: "Stats", hub: "Hub",
+             kind: str | None = None) -> IEventBus:
+    """The bus ``settings.event_bus`` (or ``kind``) names."""
+    kind = kind or settings.event_bus
+    if kind == "redis":
+        from .redis import RedisBus
+
+        return RedisBus(settings, router, reactor, stats)
+    if kind == "redis-cluster":
+        from .cluster import ClusterBus
+
+        return ClusterBus(settings, router, reactor, stats, hub)
+    if kind == "auto":
+        from .detect import AutoBus
+
+        return AutoBus(settings, router, reactor, stats, hub)
+    from .memory import MemoryBus
+
+    return MemoryBus(router)

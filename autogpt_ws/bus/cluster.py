@@ -47,15 +47,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..config import Settings
+from ..config import Settings, redis_seed
 from ..hub import Hub
 from ..metrics import Stats
+from .. import wire
 from ..router import Router
 from . import IEventBus
 from .executions import ExecutionResolver, describe_url
 from .resp import RedisProtocol, connect, handshake
 from .shard import ConnectOptions, ShardLink, backoff, closed
-from .slots import Address, SlotMap, format_address, key_slot, parse_address
+from .slots import Address, Remap, SlotMap, address_remap, format_address, key_slot, parse_address
 
 log = Logger()
 
@@ -63,9 +64,16 @@ MIN_REFRESH_INTERVAL = 0.5  # a burst of MOVED/sunsubscribe costs one refresh pe
 
 
 def seed_nodes(settings: Settings) -> list[Address]:
-    seeds = [(settings.redis_cluster_host, settings.redis_cluster_port)] if settings.redis_cluster_host else []
-    seeds.extend(parse_address(node) for node in settings.redis_cluster_nodes)
+    """The seed (REDIS_CLUSTER_HOST/PORT, else REDIS_HOST/PORT), then any
+    more nodes listed in redis_cluster_nodes."""
+    seeds = [redis_seed(settings), *(parse_address(node) for node in settings.redis_cluster_nodes)]
     return list(dict.fromkeys(seeds))
+
+
+def remap_for(settings: Settings) -> Remap:
+    """REDIS_USE_ANNOUNCED_ADDRESS, with the seed's host as the one to use
+    when it is false."""
+    return address_remap(redis_seed(settings)[0], settings.redis_use_announced_address)
 
 
 @implementer(IEventBus)
@@ -82,9 +90,11 @@ class ClusterBus(Service):
         self.stats = stats
         self.hub = hub
         self.seeds = seed_nodes(settings)
+        self.remap = remap_for(settings)
+        self.settings = settings
         self.options = ConnectOptions(settings.redis_tls, settings.redis_tls_ca_file, settings.redis_connect_timeout,
                                       settings.redis_username, settings.redis_password)
-        self.resolver = resolver or ExecutionResolver(settings.database_url, reactor)
+        self.resolver = resolver or ExecutionResolver(settings.database_url, reactor, timeout=settings.database_timeout)
         self.database = describe_url(settings.database_url)
         self.refresh_interval = refresh_interval
         self.ping_interval = ping_interval
@@ -109,6 +119,8 @@ class ClusterBus(Service):
         self._control: RedisProtocol | None = None
         self._control_attempt: Deferred[RedisProtocol] | None = None
         self._last_error = "discovering the cluster"
+        self._publisher: Any = None  # made on demand (the demo executor), closed on stop
+        self.gate = self  # the session's SubscriptionGate
 
     # -- IEventBus ----------------------------------------------------------------
 
@@ -130,7 +142,26 @@ class ClusterBus(Service):
     def describe(self) -> str:
         seeds = ", ".join(format_address(a) for a in self.seeds)
         tls = ", TLS" if self.options.tls else ""
-        return f"redis-cluster (SSUBSCRIBE, seeds {seeds}{tls}; executions from {self.database})"
+        nodes = "announced addresses" if self.settings.redis_use_announced_address else "the seed host"
+        return f"redis-cluster (SSUBSCRIBE, seeds {seeds}{tls}, shards at {nodes}; executions from {self.database})"
+
+    def producer(self) -> tuple[Any, bool]:
+        """A publisher for in-process producers (the demo executor): SPUBLISH
+        to each channel's owner."""
+        if self._publisher is None:
+            from .cluster_publish import ClusterPublisher
+
+            self._publisher = ClusterPublisher.from_settings(self.settings, self.reactor)
+        return self._publisher, True
+
+    # -- SubscriptionGate (the session asks before answering a subscribe) -------------
+
+    def execution(self, user_id: str, graph_exec_id: str) -> Deferred[bool]:
+        return self.resolver.resolve(user_id, graph_exec_id)
+
+    def graph_refusal(self, user_id: str, graph_id: str) -> str | None:
+        channel = self.layout.sharded_all(user_id, graph_id)
+        return wire.err_wildcard(channel) if "*" in channel else None
 
     def startService(self) -> None:
         super().startService()
@@ -163,6 +194,9 @@ class ClusterBus(Service):
             control.transport.abortConnection()
         if self._refreshing is not None:
             waits.append(self._refreshing)
+        if self._publisher is not None:
+            waits.append(self._publisher.close())
+            self._publisher = None
         d = gatherResults(waits, consumeErrors=True)
         d.addBoth(lambda _: self.resolver.stop())
         return d
@@ -182,10 +216,32 @@ class ClusterBus(Service):
     def key_added(self, key: str) -> None:
         channel = self.channel_for_key(key)
         if channel is None:
-            log.warn("no shard channel for subscription {key} (execution not resolved)", key=key)
+            self._resolve_key(key)
             return
         self._key_channel[key] = channel
         self._want(channel)
+
+    def _resolve_key(self, key: str) -> None:
+        """An execution key whose graph is not known yet: subscribed before
+        this bus started (the kind of Redis was still being found out), or
+        forgotten by the lookup cache.  Look it up, then place it if a
+        socket still holds it."""
+        user_id, _, rest = key.partition("|")
+        if not rest.startswith("graph_exec#"):
+            log.warn("no shard channel for subscription {key}", key=key)
+            return
+
+        def found(known: bool) -> None:
+            if known and self.running and self.hub.wants(key) and key not in self._key_channel:
+                self.key_added(key)
+            elif not known:
+                log.info("subscription {key}: no such execution for that user; nothing subscribed", key=key)
+
+        def failed(failure: Failure) -> None:
+            log.warn("subscription {key}: execution lookup failed ({error}); nothing subscribed", key=key,
+                     error=failure.getErrorMessage())
+
+        self.resolver.resolve(user_id, rest[len("graph_exec#"):]).addCallbacks(found, failed)
 
     def key_removed(self, key: str) -> None:
         channel = self._key_channel.pop(key, None)
@@ -280,6 +336,8 @@ class ClusterBus(Service):
         now = self.reactor.seconds()
         # follow a MOVED at once, but not twice in a row within the refresh
         # interval: nodes that disagree for a moment must not ping-pong
+        if moved is not None:
+            moved = (moved[0], self.remap(moved[1]))
         if moved is not None and self.slots is not None and self.running \
                 and now - self._moved_at.get(channel, float("-inf")) >= MIN_REFRESH_INTERVAL:
             self._moved_at[channel] = now
@@ -349,7 +407,7 @@ class ClusterBus(Service):
             try:
                 yield handshake(conn, self.options.username, self.options.password, 0, self.options.name + "-control")
                 reply = yield conn.command("CLUSTER", "SLOTS")
-                slots = SlotMap.from_cluster_slots(reply, address)
+                slots = SlotMap.from_cluster_slots(reply, address).remapped(self.remap)
                 if slots.masters():
                     return slots
                 errors.append(f"{format_address(address)}: serves no slots")  # reset or not yet joined

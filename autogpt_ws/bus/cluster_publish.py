@@ -2,7 +2,8 @@
 publish --sharded`` (AutoGPT's executors publish with their own client).
 
 Each channel goes to the node that owns its slot, first the seed node and
-then whatever a ``MOVED`` reply names, remembered per slot.  A ``MOVED``
+then whatever a ``MOVED`` reply names (reached as REDIS_USE_ANNOUNCED_ADDRESS
+says), remembered per slot.  A ``MOVED``
 reply means the command did not run, so sending it once more, to the named
 node, can never deliver an event twice.  During a slot migration Redis
 (7.0) serves ``SPUBLISH`` on the slot's old owner, so there is no ``ASK`` to
@@ -21,19 +22,20 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, inlineCallbacks
 
 from ..config import Settings
-from .cluster import seed_nodes
+from .cluster import remap_for, seed_nodes
 from .redis_client import RedisAddress, RedisPublisher
 from .resp import RedisError
 from .shard import moved_target
-from .slots import Address, key_slot
+from .slots import Address, Remap, key_slot
 
 MAX_REDIRECTS = 5
 
 
 class ClusterPublisher:
-    def __init__(self, seed: RedisAddress, reactor: Any) -> None:
+    def __init__(self, seed: RedisAddress, reactor: Any, remap: Remap | None = None) -> None:
         self.seed = seed
         self.reactor = reactor
+        self.remap: Remap = remap or (lambda address: address)
         self.redirects = 0  # MOVED replies followed
         self._nodes: dict[Address, RedisPublisher] = {}
         self._owner: dict[int, Address] = {}  # slot -> node, from MOVED replies
@@ -47,14 +49,11 @@ class ClusterPublisher:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        seeds = seed_nodes(settings)
-        if not seeds:
-            raise ValueError("redis_cluster_host (or redis_cluster_nodes) is not set")
-        host, port = seeds[0]
+        host, port = seed_nodes(settings)[0]
         seed = RedisAddress(host, port, username=settings.redis_username, password=settings.redis_password,
                             tls=settings.redis_tls, ca_file=settings.redis_tls_ca_file,
                             timeout=settings.redis_connect_timeout)
-        return cls(seed, reactor)
+        return cls(seed, reactor, remap_for(settings))
 
     def publish(self, channel: str, data: bytes) -> Deferred[int]:
         """Fires with Redis's receiver count, or fails (with RedisError for
@@ -74,7 +73,7 @@ class ClusterPublisher:
                 if moved is None:
                     raise
                 self.redirects += 1
-                address = self._owner[moved[0]] = moved[1]
+                address = self._owner[moved[0]] = self.remap(moved[1])
         raise RedisError(f"SPUBLISH {channel}: more than {MAX_REDIRECTS} MOVED replies")
 
     def _node(self, address: Address) -> RedisPublisher:

@@ -4,12 +4,18 @@ The sharded bus names an execution's channel after its graph
 (``.../{<user>/<graph>}/exec/<id>``), but a client subscribes with the
 execution id alone.  :class:`ExecutionResolver` looks the graph up::
 
-    SELECT "agentGraphId" FROM "AgentGraphExecution" WHERE "id" = %s AND "userId" = %s
+    SELECT "agentGraphId" FROM "<schema>"."AgentGraphExecution"
+    WHERE "id" = %s AND "userId" = %s AND "isDeleted" = false
 
-scoped to the user, so another user's execution is "not found".  Answers are
+as the AutoGPT server does: scoped to the user, so another user's execution
+is "not found", and so is a deleted one.  The schema is the ``?schema=`` of
+``DATABASE_URL`` (``platform`` in current deployments).  Answers are
 cached per (user, execution) in a bounded LRU with a TTL; "not found" is
 cached briefly, because an execution may be created just after a client
-asked.  Concurrent lookups of one pair share a single query.
+asked.  Concurrent lookups of one pair share a single query.  A lookup
+that takes longer than ``timeout`` (a database down or hung) fails with
+TimeoutError for the one waiting; the query itself is bounded by the
+connect and statement timeouts, and its answer is still cached.
 
 Why a thread pool and not psycopg's async API: psycopg's ``AsyncConnection``
 runs on asyncio, and this server runs on whatever reactor Twisted picked
@@ -69,7 +75,7 @@ def describe_url(url: str) -> str:
 class ExecutionResolver:
     def __init__(self, database_url: str, reactor: Any, *, clock: Any = None, max_entries: int = 10000,
                  ttl: float = 600.0, negative_ttl: float = 3.0, threads: int = 2,
-                 connect_timeout: int = 5, statement_timeout_ms: int = 5000) -> None:
+                 connect_timeout: int = 5, statement_timeout_ms: int = 5000, timeout: float = 5.0) -> None:
         self.database_url = database_url
         self._conninfo, schema = conninfo_from_url(database_url) if database_url else ("", "")
         self._reactor = reactor
@@ -80,6 +86,7 @@ class ExecutionResolver:
         self._threads = threads
         self._connect_timeout = connect_timeout
         self._statement_timeout_ms = statement_timeout_ms
+        self.timeout = timeout
         self._query_text = self._build_query(schema)
         # (user, exec id) -> (graph id or None, expires at)
         self._cache: OrderedDict[tuple[str, str], tuple[str | None, float]] = OrderedDict()
@@ -94,7 +101,8 @@ class ExecutionResolver:
         from psycopg import sql
 
         table = sql.Identifier(schema, TABLE) if schema else sql.Identifier(TABLE)
-        return sql.SQL('SELECT "agentGraphId" FROM {} WHERE "id" = %s AND "userId" = %s').format(table)
+        return sql.SQL('SELECT "agentGraphId" FROM {} WHERE "id" = %s AND "userId" = %s AND "isDeleted" = false'
+                       ).format(table)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -124,15 +132,16 @@ class ExecutionResolver:
         if entry is not None and entry[1] > self._clock.seconds():
             self._cache.move_to_end(key)
             return succeed(entry[0] is not None)
-        waiter: Deferred[bool] = Deferred()
-        waiting = self._inflight.get(key)
-        if waiting is not None:
-            waiting.append(waiter)
-            return waiter
         if not self._conninfo:
             return fail(DatabaseNotConfigured("DATABASE_URL is not set: cannot resolve executions"))
         if self._pool is None:
             return fail(RuntimeError("execution resolver is not running"))
+        waiter: Deferred[bool] = Deferred()
+        waiter.addTimeout(self.timeout, self._clock)
+        waiting = self._inflight.get(key)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
         self._inflight[key] = [waiter]
         self.queries += 1
         d = deferToThreadPool(self._reactor, self._pool, self._query, user_id, graph_exec_id)
@@ -153,13 +162,15 @@ class ExecutionResolver:
         while len(cache) > self.max_entries:
             cache.popitem(last=False)
         for waiter in self._inflight.pop(key, ()):
-            waiter.callback(graph_id is not None)
+            if not waiter.called:  # else it timed out
+                waiter.callback(graph_id is not None)
 
     def _failed(self, failure: Failure, key: tuple[str, str]) -> None:
         log.warn("execution lookup failed for user {user_id}: {error}", user_id=key[0],
                  error=failure.getErrorMessage())
         for waiter in self._inflight.pop(key, ()):
-            waiter.errback(failure)
+            if not waiter.called:
+                waiter.errback(failure)
 
     # -- in a pool thread -------------------------------------------------------
 

@@ -28,6 +28,9 @@ class MemoryBus(Service):
     def describe(self) -> str:
         return "memory (embedded)"
 
+    def producer(self) -> tuple["MemoryBus", bool]:
+        return self, False
+
     def publish(self, channel: str, data: bytes) -> Deferred[int]:
         """Deliver at once, in order; fires with 1 (one consumer), like
         Redis PUBLISH's receiver count."""

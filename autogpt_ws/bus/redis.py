@@ -116,6 +116,9 @@ class RedisBus(Service):
     def describe(self) -> str:
         return f"redis {self.address} (PSUBSCRIBE {' '.join(self.patterns)})"
 
+    def producer(self) -> tuple[RedisPublisher, bool]:
+        return self.publisher, False
+
     def publish(self, channel: str, data: bytes) -> Deferred[int]:
         return self.publisher.publish(channel, data)
 

@@ -13,7 +13,7 @@ refresh never leaves a half-updated map behind.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 SLOTS = 16384
 
@@ -74,6 +74,20 @@ def parse_address(text: str) -> Address:
     return host, int(port)
 
 
+Remap = Callable[[Address], Address]
+
+
+def address_remap(seed_host: str, use_announced: bool) -> Remap:
+    """Where to reach a node the cluster announces, as the AutoGPT server
+    decides it (``REDIS_USE_ANNOUNCED_ADDRESS``): the announced address (or
+    host name) itself, or the seed's host with the announced port (the
+    default: nodes often announce addresses only the cluster's own network
+    can reach)."""
+    if use_announced:
+        return lambda address: address
+    return lambda address: (seed_host, address[1])
+
+
 class SlotMap:
     """Owner (master address) of each slot; None where no node serves it."""
 
@@ -115,6 +129,11 @@ class SlotMap:
 
     def covered(self) -> bool:
         return None not in self._owners
+
+    def remapped(self, remap: Remap) -> "SlotMap":
+        """The same map with every owner's address passed through ``remap``."""
+        cache: dict[Address, Address] = {}
+        return SlotMap([None if a is None else cache.setdefault(a, remap(a)) for a in self._owners])
 
     def with_owner(self, slot: int, address: Address) -> "SlotMap":
         """A copy where ``slot`` belongs to ``address`` (what a MOVED says)."""

@@ -1,0 +1,166 @@
+"""``event_bus: auto`` with a Redis configured: ask that Redis what it is.
+
+AutoGPT names no bus in its deployments: the websocket service is given
+``REDIS_HOST``/``REDIS_PORT`` (or ``REDIS_CLUSTER_*``), and the Redis there
+is a cluster (every image since 2026-04-28 publishes with ``SPUBLISH`` on
+one) or a single node (older images, classic ``PUBLISH``).  This bus
+connects to that address, logs in, asks ``INFO cluster`` and then runs the
+matching bus as its child: ``redis-cluster`` when it says
+``cluster_enabled:1``, the classic ``redis`` bus otherwise, and logs which.
+
+Until it knows (the Redis is unreachable, or refuses the password) it tries
+again with backoff (0.5 s doubling to 8 s, with jitter) and ``/ready``
+answers 503 saying why.  Sockets are served meanwhile; subscriptions they
+make are taken over by the bus once it starts.  The question is asked once
+per start: a Redis does not change kind under a running server.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..config import Settings, redis_seed
+from ..hub import Hub
+from ..metrics import Stats
+from ..router import Router
+from . import IEventBus, make_bus
+from .redis_client import describe_error
+from .resp import RedisProtocol, connect, handshake
+from .shard import backoff, closed
+from .slots import format_address
+
+log = Logger()
+
+
+def cluster_enabled(info: bytes | str) -> bool:
+    """Whether an ``INFO cluster`` answer says ``cluster_enabled:1``."""
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else info
+    return any(line.strip() == "cluster_enabled:1" for line in text.splitlines())
+
+
+@implementer(IEventBus)
+class AutoBus(MultiService):
+    kind = "auto"
+    name = "auto-bus"
+
+    def __init__(self, settings: Settings, router: Router, reactor: Any, stats: Stats, hub: Hub, *,
+                 rng: Callable[[], float] = random.random) -> None:
+        super().__init__()
+        self.settings = settings
+        self.router = router
+        self.reactor = reactor
+        self.stats = stats
+        self.hub = hub
+        self.rng = rng
+        self.address = redis_seed(settings)
+        self.inner: IEventBus | None = None
+        self.attempts = 0
+        self._reason = "not started"
+        self._logged = ""
+        self._retry: Any = None
+        self._asking: Deferred[Any] | None = None
+
+    # -- IEventBus, answered by the bus found once there is one -----------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if self.inner is not None:
+            return self.inner.ready()
+        if not self.running:
+            return False, "event bus stopped"
+        return False, f"finding out whether the Redis at {format_address(self.address)} is a cluster: {self._reason}"
+
+    def describe(self) -> str:
+        if self.inner is not None:
+            return self.inner.describe()
+        return f"auto (asking the Redis at {format_address(self.address)} whether it is a cluster)"
+
+    def producer(self) -> tuple[Any, bool] | None:
+        return self.inner.producer() if self.inner is not None else None
+
+    @property
+    def gate(self) -> Any:
+        """The found bus's SubscriptionGate, if it has one."""
+        return getattr(self.inner, "gate", None)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._reason = "connecting"
+        self._ask()
+
+    def stopService(self) -> Deferred[None]:
+        stopped = super().stopService()  # not running from here: a cancelled question is not retried
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._asking is not None:
+            self._asking.cancel()
+        return stopped  # type: ignore[no-any-return]
+
+    # -- asking -------------------------------------------------------------------
+
+    def _ask(self) -> None:
+        self._retry = None
+        if not self.running or self.inner is not None:
+            return
+        self.attempts += 1
+        self._asking = d = self._info()
+        d.addCallbacks(self._answered, self._failed)
+
+    @inlineCallbacks
+    def _info(self) -> Any:
+        s = self.settings
+        host, port = self.address
+        conn: RedisProtocol = yield connect(self.reactor, host, port, timeout=s.redis_connect_timeout,
+                                            tls=s.redis_tls, ca_file=s.redis_tls_ca_file)
+        deadline = self.reactor.callLater(s.redis_connect_timeout, conn.transport.abortConnection)
+        try:
+            yield handshake(conn, s.redis_username, s.redis_password, 0, "autogpt-ws-detect")
+            info = yield conn.command("INFO", "cluster")
+        finally:
+            if deadline.active():
+                deadline.cancel()
+            gone = closed(conn)
+            if conn.connected and conn.transport is not None:
+                conn.transport.loseConnection()
+            yield gone
+        return cluster_enabled(info)
+
+    def _answered(self, is_cluster: bool) -> None:
+        self._asking = None
+        if not self.running:
+            return
+        kind = "redis-cluster" if is_cluster else "redis"
+        what = "a Redis Cluster (cluster_enabled:1)" if is_cluster else "a single Redis (cluster_enabled:0)"
+        log.info("the Redis at {address} is {what}: using the {kind} event bus", address=format_address(self.address),
+                 what=what, kind=kind, bus=kind)
+        if is_cluster and not self.settings.database_url:
+            log.error("DATABASE_URL is not set: on a Redis Cluster, subscribe_graph_execution needs AutoGPT's "
+                      "database to find an execution's graph; those subscribes will get an error reply")
+        bus = make_bus(self.settings, self.router, self.reactor, self.stats, self.hub, kind=kind)
+        self.inner = bus
+        bus.setServiceParent(self)  # started at once: we are running
+        log.info("event bus {bus}", bus=bus.describe())
+
+    def _failed(self, failure: Any) -> None:
+        self._asking = None
+        if not self.running:
+            return
+        self._reason = describe_error(failure.value)
+        delay = backoff(self.attempts, self.rng)
+        problem = failure.type.__name__
+        if problem != self._logged:
+            self._logged = problem
+            log.warn("cannot ask the Redis at {address} what it is ({error}); trying again with backoff",
+                     address=format_address(self.address), error=self._reason)
+        else:
+            log.debug("asking the Redis at {address} failed again ({error}); next in {delay:.1f}s",
+                      address=format_address(self.address), error=self._reason, delay=delay)
+        self._retry = self.reactor.callLater(delay, self._ask)
