@@ -130,7 +130,7 @@ else
             bookworm "$rootfs" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" > "$work/debootstrap.log" 2>&1 \
             || { tail -5 "$work/debootstrap.log" >&2; die "debootstrap failed"; }
         cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/" 2> /dev/null || true
-        chroot "$rootfs" update-ca-certificates > /dev/null
+        chroot "$rootfs" update-ca-certificates > /dev/null 2>&1
         chroot "$rootfs" apt-get clean
         rm -rf "$rootfs"/var/lib/apt/lists/*
         mkdir -p "$cache"
