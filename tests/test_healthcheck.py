@@ -4,7 +4,9 @@ a process with the server's environment, against a real listener."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from twisted.internet import reactor
@@ -66,7 +68,9 @@ class HealthCheck(TestCase):
 
     @inlineCallbacks
     def test_follows_a_unix_listener(self) -> None:
-        path = os.path.abspath(self.mktemp()) + ".sock"
+        directory = tempfile.mkdtemp(prefix="autogpt-ws-")  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "ws.sock")
         start_server(self, make_settings(listen=f"unix:{path}"))
         output, status = yield healthcheck(AUTOGPT_WS_LISTEN=f"unix:{path}")
         self.assertEqual((output, status), ("", 0))
