@@ -33,7 +33,7 @@ COPY --from=build /opt/autogpt-ws /opt/autogpt-ws
 # An empty working directory: no stray ./config.yaml is ever picked up.
 WORKDIR /srv/autogpt-ws
 # shutdown_timeout 8 s: the drain (close every socket 1001, wait, abort the
-# rest) ends before compose's and Kubernetes' default stop grace (10 s, then
+# rest) ends before the default stop grace of docker and compose (10 s, then
 # SIGKILL).  With a longer grace (stop_grace_period), raise both together.
 ENV PATH=/opt/autogpt-ws/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -32,7 +32,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${AUTOGPT_WS_TEST_CACHE:-/var/cache/autogpt-ws-test}
 standin=localhost/autogpt-ws-standin:bookworm
 image=localhost/autogpt-ws:test
-grace=10  # compose's and Kubernetes' default stop grace period
+grace=10  # the default stop grace period of docker and compose
 no_cache="" rebuild_base=""
 for arg in "$@"; do
     case $arg in
