@@ -12,7 +12,8 @@
 # One PASS/FAIL line per check; exit status 0 when all pass, 1 when one
 # fails, 2 when the test cannot run.  Everything it starts (container,
 # redis-server, temporary files) is removed on exit; the image stays tagged
-# localhost/autogpt-ws:test.
+# localhost/autogpt-ws:test (the one it replaces, and with --no-cache the
+# build stage, stay as dangling images: `podman image prune` removes them).
 #
 # No registry is needed: without BASE_IMAGE, the base is a stand-in for
 # python:3.11-slim-bookworm made with debootstrap (Debian bookworm, python3,
