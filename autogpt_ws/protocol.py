@@ -196,7 +196,40 @@ class ServerProtocol(WebSocketServerProtocol):
             return None
         d = factory.verifier.verify(token)
         d.addCallbacks(self._authenticated, self._auth_failed)
+        if not d.called:
+            self._while_verifying(d)
         return d
+
+    def _while_verifying(self, verified: Deferred[None]) -> None:
+        """While the token is being verified (a key-set fetch): bytes the
+        client sends are kept for after the handshake, up to one largest
+        frame, beyond which the socket is aborted (Autobahn would keep them
+        all, and search them for another request head on every read); and
+        a client gone by the time the answer comes is never opened (it would
+        stay attached to the hub, with its timers running)."""
+        self.dataReceived = self._early_data  # type: ignore[method-assign]
+
+        def settle(result: object) -> object:
+            self.__dict__.pop("dataReceived", None)
+            if self.state == _WS.STATE_CLOSED:
+                raise ConnectionDeny(400, "client went away")
+            return result
+
+        verified.addBoth(settle)
+
+    def _early_data(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > self.factory.settings.max_inbound_frame + 14:  # 14: the largest frame header
+            log.info("a client sent {size} bytes before its upgrade was answered: aborting", size=len(self.data))
+            self.abort()
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """An unsupported Sec-WebSocket-Version is answered ``426 Upgrade
+        Required`` with the version we speak (RFC 6455 section 4.4);
+        Autobahn answers 400."""
+        if responseHeaders and responseHeaders[0][0] == "Sec-WebSocket-Version":
+            code = 426
+        super().failHandshake(reason, code, responseHeaders)
 
     def _authenticated(self, identity: Identity) -> None:
         self.user_id = identity.user_id

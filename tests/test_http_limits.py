@@ -2,10 +2,13 @@
 sockets: bounded request heads on every route, the /ws upgrade included
 (414/431, closed); request bodies never read; a deadline on every request
 of a keep-alive connection; the bound on connections that are not
-WebSockets; pipelined requests read only while the answers are."""
+WebSockets; pipelined requests read only while the answers are; the bound
+on bytes a client sends before its upgrade is answered, and a client gone
+before it is never opened; Sec-WebSocket-Version other than 13 (426)."""
 
 from __future__ import annotations
 
+import base64
 import socket
 from typing import Any
 
@@ -16,10 +19,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
 from autogpt_ws.heads import MAX_HEADERS, HeadReader, HeadRefused
 from tests.helpers import (
-    raw_connect, raw_upgrade_request, sleep, start_server, tcp_buffered,
+    SilentServer, raw_connect, raw_upgrade_request, sleep, start_server, tcp_buffered,
     wait_for,
 )
 
@@ -377,3 +382,95 @@ def _channels(server: Any) -> list[Any]:
         if isinstance(channel, HTTPChannel) and channel.site is server.site:
             found.append(channel)
     return found
+
+
+class EarlyData(TestCase):
+    """Bytes a client sends before its upgrade is answered (while a key
+    set is being fetched) are bounded."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_flood_before_the_answer_aborts(self) -> None:
+        jwks = SilentServer(self)  # the key-set fetch hangs
+        server = start_server(self, enable_auth=True, jwt_jwks_url=f"http://127.0.0.1:{jwks.port}/jwks",
+                              jwt_jwks_timeout=2, max_inbound_frame=1024, open_handshake_timeout=20)
+        # verifying it waits for the key set: an ES256 header with an unknown kid
+        header = base64.urlsafe_b64encode(b'{"alg":"ES256","kid":"k1","typ":"JWT"}').rstrip(b"=").decode()
+        path = f"/ws?token={header}.e30.c2ln"
+        proto = yield talk(self, server.port, raw_upgrade_request(path))
+        yield wait_for(lambda: len(server.factory.sockets) == 1)
+        for _ in range(64):  # 4 MiB
+            proto.write(b"\x81" * 65536)
+        yield proto.lost.addTimeout(1.5, reactor)  # before the fetch gives up
+        self.assertTrue(proto.closed_by_server)
+        self.assertEqual(proto.received, b"")
+        yield wait_for(lambda: server.verifier._pending is None, timeout=10)  # the fetch times out
+
+
+class HeldKeySet(Resource):
+    """A key-set URL that answers only when told to."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+        self.waiting: list[Any] = []
+
+    def render_GET(self, request: Any) -> Any:
+        self.waiting.append(request)
+        return NOT_DONE_YET
+
+    def release(self) -> None:
+        for request in self.waiting:
+            request.setHeader(b"Content-Type", b"application/json")
+            request.write(self.body)
+            request.finish()
+        self.waiting = []
+
+
+class GoneWhileVerifying(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_client_gone_before_its_token_is_verified_is_never_opened(self) -> None:
+        from tests.test_auth import jwks, keypair
+
+        pair = keypair("ec")
+        page = HeldKeySet(jwks(pair))
+        site = Site(page)
+        site.noisy = False
+        listening = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(listening.stopListening)
+        server = start_server(self, enable_auth=True, jwt_jwks_url=f"http://127.0.0.1:{listening.getHost().port}/k",
+                              jwt_jwks_timeout=10)
+        yield wait_for(lambda: page.waiting)  # the fetch at startup, held
+        path = "/ws?token=" + pair.token(sub="gone")
+        proto = yield talk(self, server.port, raw_upgrade_request(path))
+        yield wait_for(lambda: len(server.factory.sockets) == 1)
+        yield proto.abort()
+        yield wait_for(lambda: not server.factory.sockets)
+        page.release()
+        yield sleep(0.2)
+        self.assertEqual((server.stats.open_sockets, server.hub.user_sockets("gone")), (0, 0))
+        client = yield raw_connect(server.port, path=path, test=self)  # the key set is known now
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+        self.assertEqual(server.hub.user_sockets("gone"), 1)
+
+
+class Versions(TestCase):
+    """Item 11: Sec-WebSocket-Version other than 13 gets 426 with 13."""
+
+    @inlineCallbacks
+    def test_version_8_gets_426(self) -> None:
+        server = start_server(self)
+        for version in ("8", "12"):
+            request = raw_upgrade_request("/ws").replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: " +
+                                                          version.encode())
+            proto = yield answered(self, server.port, request)
+            self.assertEqual(proto.status(), 426, version)
+            self.assertIn(b"\r\nSec-WebSocket-Version: 13\r\n", proto.received)
+        self.assertEqual(len(server.factory.sockets), 0)
+        client = yield raw_connect(server.port, test=self)
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)
