@@ -20,6 +20,18 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+# the close codes of the README's table: any other code a client sends is
+# counted as "other", so clients cannot grow the label set
+CLOSE_CODES = {code: str(code) for code in (1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1013,
+                                            4001, 4002, 4003)}
+
+
+def close_code_label(code: int | None) -> str:
+    """The ``code`` label of ``autogpt_ws_sockets_closed_total`` (1006: no
+    close frame)."""
+    return CLOSE_CODES.get(code, "other") if code else "1006"
+
+
 class Stats:
     """Everything the server counts. Plain attributes; cheap to bump."""
 

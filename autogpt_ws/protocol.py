@@ -36,6 +36,7 @@ from . import lazylog
 from .auth import AuthFailure, Identity
 from .flush import send_direct
 from .limits import TokenBucket, descriptor_of, unsent_bytes
+from .metrics import close_code_label
 from .session import Session
 from .wire import ERR_RATE_LIMITED, OutFrame, error, ws_text_frame
 
@@ -135,7 +136,7 @@ class ServerProtocol(WebSocketServerProtocol):
             stats.open_sockets -= 1
             # the code of whoever started the close (1006: no closing handshake)
             code = self.localCloseCode if self.closedByMe else self.remoteCloseCode
-            stats.sockets_closed[str(code) if code else "1006"] += 1
+            stats.sockets_closed[close_code_label(code)] += 1
         self._inbox = None
         self._out = None
         # Break the two reference cycles a socket is part of (its session's

@@ -46,7 +46,11 @@ class JSONPage(Resource):
         return self._render_get(request)
 
     def render_HEAD(self, request: Request) -> bytes:
-        return self._render_get(request)
+        # the GET answer's headers and length, no body (a body here makes
+        # twisted.web log a warning on every HEAD)
+        body = self._render_get(request)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return b""
 
     def render(self, request: Request) -> bytes:
         if request.method in (b"GET", b"HEAD"):

@@ -3,8 +3,8 @@ sockets: bounded request heads on every route, the /ws upgrade included
 (414/431, closed); request bodies never read; a deadline on every request
 of a keep-alive connection; the bound on connections that are not
 WebSockets; pipelined requests read only while the answers are; the bound
-on bytes a client sends before its upgrade is answered, and a client gone
-before it is never opened; Sec-WebSocket-Version other than 13 (426)."""
+on bytes a client sends before its upgrade is answered; Sec-WebSocket-Version
+other than 13 (426); HEAD without a warning."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.http import HTTPChannel
@@ -474,3 +475,24 @@ class Versions(TestCase):
         self.assertEqual(len(server.factory.sockets), 0)
         client = yield raw_connect(server.port, test=self)
         self.assertEqual((yield client.request(HEARTBEAT)), PONG)
+
+
+class Head(TestCase):
+    """Item 9: HEAD /health answers the GET's headers, logs nothing."""
+
+    @inlineCallbacks
+    def test_head_logs_no_warning(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        server = start_server(self)
+        proto = yield answered(self, server.port, b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertEqual(proto.status(), 200)
+        head, _, body = proto.received.partition(b"\r\n\r\n")
+        self.assertEqual(body, b"")
+        self.assertIn(b"\r\nContent-Length: 20", head)
+        self.assertIn(b"\r\nContent-Type: application/json", head)
+        noisy = [formatEvent(e) for e in events if e.get("log_level") is not None
+                 and e["log_level"].name in ("info", "warn", "error", "critical")
+                 and "HEAD" in formatEvent(e)]
+        self.assertEqual(noisy, [])
