@@ -245,7 +245,7 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("rate_limit", "float", 20.0, "WS_RATE_LIMIT", "client frames per second per socket, sustained (0: no limit)", minimum=0),
         _f("rate_burst", "int", 60, "WS_RATE_BURST", "client frames allowed at once above the rate", minimum=1),
         _f("rate_abuse_close", "int", 100, "WS_RATE_ABUSE_CLOSE", "frames refused in a row before closing 1008", minimum=1),
-        _f("open_handshake_timeout", "float", 10.0, "WS_OPEN_HANDSHAKE_TIMEOUT", "seconds for a client to send a request head (each request, from its first byte) and to complete the upgrade", minimum=0),
+        _f("open_handshake_timeout", "float", 10.0, "WS_OPEN_HANDSHAKE_TIMEOUT", "seconds for a client to send each request head, and to complete the upgrade", minimum=0),
         _f("ping_interval", "float", 20.0, "WS_PING_INTERVAL", "protocol ping every N seconds (0: off)", minimum=0),
         _f("ping_timeout", "float", 20.0, "WS_PING_TIMEOUT", "close a socket whose pong is this late", minimum=0),
         _f("permessage_deflate", "bool", True, "WS_PERMESSAGE_DEFLATE", "accept permessage-deflate when a client offers it"),

@@ -335,7 +335,7 @@ class Overloaded(Protocol):
 
 class QuietSite(Site):
     """The one port: a :class:`FrontDoor` per connection, then twisted.web
-    for HTTP (and for ``/ws``, mounted as a WebSocketResource, whatever the
+    for HTTP (and for ``/ws``, mounted as :class:`Upgrade`, whatever the
     front door did not recognise).  twisted.web's access log writes full
     URIs (tokens included) to the legacy log; ours is a structured debug
     line with the query redacted.  Its channels hold every request to the
