@@ -33,7 +33,7 @@ from twisted.trial.unittest import TestCase
 
 from autogpt_ws.heads import MAX_HEADERS, HeadReader, HeadRefused
 from tests.helpers import free_port, ws_client_frame
-from tests.test_runners import Process, clean_env, wait_healthy, ws_py
+from tests.test_runners import Process, clean_env, ws_py
 
 END = b"\r\n\r\n"
 MAX_LINE = 8192
