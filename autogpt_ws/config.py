@@ -206,6 +206,16 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
            "CORS origins for HTTP routes (JSON list; entries may be regex:<pattern>)"),
         _f("enable_metrics", "bool", False, "ENABLE_METRICS", "serve Prometheus metrics on /metrics"),
     )),
+    ("HTTP limits", (
+        _f("max_request_line", "size", 8 * KiB, "WS_MAX_REQUEST_LINE",
+           "longest request line (with its CRLF), /ws upgrade included; over it: HTTP 414 and close", minimum=64),
+        _f("max_request_head", "size", 16 * KiB, "WS_MAX_REQUEST_HEAD",
+           "largest request head (request line, headers, blank line); over it, or over 100 headers: HTTP 431 and close",
+           minimum=256),
+        _f("max_http_connections", "int", 4096, "WS_MAX_HTTP_CONNECTIONS",
+           "connections not (yet) WebSockets: HTTP requests and heads in progress; beyond it: HTTP 503 and close (0: no limit)",
+           minimum=0),
+    )),
     ("Event bus", (
         _f("event_bus", "str", "auto", "EVENT_BUS",
            "auto: memory when no Redis is configured, else ask that Redis (INFO cluster) and use redis-cluster or redis; "
@@ -247,7 +257,7 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("rate_limit", "float", 20.0, "WS_RATE_LIMIT", "client frames per second per socket, sustained (0: no limit)", minimum=0),
         _f("rate_burst", "int", 60, "WS_RATE_BURST", "client frames allowed at once above the rate", minimum=1),
         _f("rate_abuse_close", "int", 100, "WS_RATE_ABUSE_CLOSE", "frames refused in a row before closing 1008", minimum=1),
-        _f("open_handshake_timeout", "float", 10.0, "WS_OPEN_HANDSHAKE_TIMEOUT", "seconds for a client to complete the upgrade", minimum=0),
+        _f("open_handshake_timeout", "float", 10.0, "WS_OPEN_HANDSHAKE_TIMEOUT", "seconds for a client to send each request head, and to complete the upgrade", minimum=0),
         _f("ping_interval", "float", 20.0, "WS_PING_INTERVAL", "protocol ping every N seconds (0: off)", minimum=0),
         _f("ping_timeout", "float", 20.0, "WS_PING_TIMEOUT", "close a socket whose pong is this late", minimum=0),
         _f("permessage_deflate", "bool", True, "WS_PERMESSAGE_DEFLATE", "accept permessage-deflate when a client offers it"),
@@ -315,6 +325,9 @@ class Settings:
     token_expiry_grace: float
     cors_allow_origins: tuple[str, ...]
     enable_metrics: bool
+    max_request_line: int
+    max_request_head: int
+    max_http_connections: int
     event_bus: str
     execution_event_bus_name: str
     notification_event_bus_name: str
@@ -477,6 +490,9 @@ def validate(settings: Settings) -> Settings:
     settings, with jwt_verify_key read from its file when one is named."""
     if settings.listen:
         _check_endpoint(settings.listen)
+    if settings.max_request_line > settings.max_request_head:
+        raise ConfigError("max_request_line", f"{settings.max_request_line} is above max_request_head "
+                          f"({settings.max_request_head}): the request line is part of the head")
     if settings.jwt_verify_key_file:
         try:
             with open(settings.jwt_verify_key_file, encoding="utf-8") as handle:

@@ -132,6 +132,7 @@ class WebsocketFactory(WebSocketServerFactory):
         self.flusher = Flusher(reactor)
         self.setProtocolOptions(
             webStatus=False,
+            versions=[13],  # RFC 6455 only (Autobahn also speaks hybi-10, version 8)
             allowNullOrigin=True,  # the Origin policy is ours (Admission): "null" is refused there unless listed
             maxFramePayloadSize=settings.max_inbound_frame,
             maxMessagePayloadSize=settings.max_inbound_frame,

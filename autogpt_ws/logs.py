@@ -29,6 +29,17 @@ _TOKEN = re.compile(r"""(token["']?\s*[=:]\s*\[?\s*["']?)[^&\s"'\],}]+""", re.IG
 _SECRET_KEY = re.compile(r"token|password|secret|authorization|api_?key", re.IGNORECASE)
 _LEVELS = {"debug": "debug", "info": "info", "warn": "warn", "error": "error", "critical": "critical"}
 
+# Control characters from client input (a request line, a header, an id)
+# must not reach a terminal or forge lines: C0 controls, DEL and the C1
+# controls (CSI, 0x9b, among them) are written as escapes.  In text, a
+# string field loses its newlines and tabs too; the line keeps those it
+# was formatted with (a traceback, twisted's tab-indented continuation
+# lines).  JSON escapes C0 itself; DEL and C1 get JSON escapes.
+_DEL_C1 = (0x7F, *range(0x80, 0xA0))
+_TEXT_FIELD = str.maketrans({code: f"\\x{code:02x}" for code in (*range(0x20), *_DEL_C1)})
+_TEXT_LINE = str.maketrans({code: f"\\x{code:02x}" for code in (*range(0x20), *_DEL_C1) if code not in (0x09, 0x0A)})
+_JSON_LINE = str.maketrans({code: f"\\u{code:04x}" for code in _DEL_C1})
+
 
 def redact(text: str) -> str:
     return _TOKEN.sub(r"\1***", text)
@@ -69,8 +80,12 @@ class LineObserver:
         self._stream = stream
         self._json = fmt == "json"
 
+    def _field(self, key: str, value: Any) -> Any:
+        value = _scrub(value, key)
+        return value.translate(_TEXT_FIELD) if type(value) is str and not self._json else value
+
     def __call__(self, event: dict[str, Any]) -> None:
-        event = {key: value if key.startswith("log_") else _scrub(value, key) for key, value in event.items()}
+        event = {key: value if key.startswith("log_") else self._field(key, value) for key, value in event.items()}
         if self._json:
             record: dict[str, Any] = {
                 "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(timespec="milliseconds"),
@@ -84,13 +99,21 @@ class LineObserver:
             failure = event.get("log_failure")
             if failure is not None:
                 record["traceback"] = failure.getTraceback()
-            line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+            line = json.dumps(record, ensure_ascii=False, default=str).translate(_JSON_LINE) + "\n"
         else:
             line = formatEventAsClassicLogText(event)
             if not line:
                 return
+            line = line[:-1].translate(_TEXT_LINE) + "\n"
+        line = redact(line)
         try:
-            self._stream.write(redact(line))
+            try:
+                self._stream.write(line)
+            except UnicodeEncodeError:
+                # a lone surrogate (or a character the stream cannot encode):
+                # escaped, not lost
+                encoding = getattr(self._stream, "encoding", None) or "utf-8"
+                self._stream.write(line.encode(encoding, "backslashreplace").decode(encoding))
             self._stream.flush()
         except (OSError, ValueError):
             pass  # a closed stream must not take the server down

@@ -20,6 +20,18 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+# the close codes of the README's table: any other code a client sends is
+# counted as "other", so clients cannot grow the label set
+CLOSE_CODES = {code: str(code) for code in (1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1013,
+                                            4001, 4002, 4003)}
+
+
+def close_code_label(code: int | None) -> str:
+    """The ``code`` label of ``autogpt_ws_sockets_closed_total`` (1006: no
+    close frame)."""
+    return CLOSE_CODES.get(code, "other") if code else "1006"
+
+
 class Stats:
     """Everything the server counts. Plain attributes; cheap to bump."""
 
@@ -29,6 +41,7 @@ class Stats:
         self.sockets_closed: Counter[str] = Counter()  # by close code
         self.auth_failures: Counter[str] = Counter()  # by reason
         self.handshakes_refused: Counter[str] = Counter()  # by reason (capacity, origin)
+        self.http_refused: Counter[str] = Counter()  # by bound (heads.Refusal.label)
         self.frames_in: Counter[str] = Counter()  # by method ("invalid" for bad frames)
         self.replies_out = 0  # replies to client frames (pushed frames are counted by the hub)
         self.events_ignored = 0  # nobody on this server subscribed: not decoded
@@ -72,6 +85,7 @@ class StatsCollector(Collector):
         yield _labelled("autogpt_ws_sockets_closed", "WebSocket connections closed, by close code", "code", s.sockets_closed)
         yield _labelled("autogpt_ws_auth_failures", "Handshakes refused by authentication, by reason", "reason", s.auth_failures)
         yield _labelled("autogpt_ws_handshakes_refused", "Handshakes refused before authentication, by reason", "reason", s.handshakes_refused)
+        yield _labelled("autogpt_ws_http_refused", "HTTP requests and connections refused by a bound, by bound", "reason", s.http_refused)
         yield _labelled("autogpt_ws_frames_in", "Client frames received, by method", "method", s.frames_in)
         yield CounterMetricFamily("autogpt_ws_frames_out", "Event and notification frames written to sockets", value=self._frames_out())
         yield CounterMetricFamily("autogpt_ws_replies_out", "Replies written to sockets for client frames", value=s.replies_out)

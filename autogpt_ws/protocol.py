@@ -36,6 +36,7 @@ from . import lazylog
 from .auth import AuthFailure, Identity
 from .flush import send_direct
 from .limits import TokenBucket, descriptor_of, unsent_bytes
+from .metrics import close_code_label
 from .session import Session
 from .wire import ERR_RATE_LIMITED, OutFrame, error, ws_text_frame
 
@@ -135,7 +136,7 @@ class ServerProtocol(WebSocketServerProtocol):
             stats.open_sockets -= 1
             # the code of whoever started the close (1006: no closing handshake)
             code = self.localCloseCode if self.closedByMe else self.remoteCloseCode
-            stats.sockets_closed[str(code) if code else "1006"] += 1
+            stats.sockets_closed[close_code_label(code)] += 1
         self._inbox = None
         self._out = None
         # Break the two reference cycles a socket is part of (its session's
@@ -196,7 +197,40 @@ class ServerProtocol(WebSocketServerProtocol):
             return None
         d = factory.verifier.verify(token)
         d.addCallbacks(self._authenticated, self._auth_failed)
+        if not d.called:
+            self._while_verifying(d)
         return d
+
+    def _while_verifying(self, verified: Deferred[None]) -> None:
+        """While the token is being verified (a key-set fetch): bytes the
+        client sends are kept for after the handshake, up to one largest
+        frame, beyond which the socket is aborted (Autobahn would keep them
+        all, and search them for another request head on every read); and
+        a client gone by the time the answer comes is never opened (it would
+        stay attached to the hub, with its timers running)."""
+        self.dataReceived = self._early_data  # type: ignore[method-assign]
+
+        def settle(result: object) -> object:
+            self.__dict__.pop("dataReceived", None)
+            if self.state == _WS.STATE_CLOSED:
+                raise ConnectionDeny(400, "client went away")
+            return result
+
+        verified.addBoth(settle)
+
+    def _early_data(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > self.factory.settings.max_inbound_frame + 14:  # 14: the largest frame header
+            log.info("a client sent {size} bytes before its upgrade was answered: aborting", size=len(self.data))
+            self.abort()
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """An unsupported Sec-WebSocket-Version is answered ``426 Upgrade
+        Required`` with the version we speak (RFC 6455 section 4.4);
+        Autobahn answers 400."""
+        if responseHeaders and responseHeaders[0][0] == "Sec-WebSocket-Version":
+            code = 426
+        super().failHandshake(reason, code, responseHeaders)
 
     def _authenticated(self, identity: Identity) -> None:
         self.user_id = identity.user_id

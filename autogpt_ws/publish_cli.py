@@ -45,6 +45,15 @@ def _json(text: str, what: str, kind: type = dict) -> Any:
     return value
 
 
+def _check_ids(options: usage.Options, *names: str) -> None:
+    """Ids become parts of channel names: an empty one, or one holding a
+    delimiter, names a channel no consumer reads (``notification_event/``)."""
+    for name in names:
+        value = options[name]
+        if not value or any(mark in value for mark in "/{}"):
+            raise usage.UsageError(f"--{name} must be a non-empty id without '/', '{{' or '}}', not {value!r}")
+
+
 class _Common(usage.Options):
     """Options accepted before or after the form."""
 
@@ -77,6 +86,7 @@ class _Execution(_Common):
 
     def postOptions(self) -> None:
         self["exec"] = self["exec"] or f"exec-{uuid.uuid4().hex[:12]}"
+        _check_ids(self, "user", "graph", "exec")
         if self["status"] not in STATUSES:
             raise usage.UsageError(f"--status must be one of {', '.join(STATUSES)}")
         try:
@@ -125,6 +135,9 @@ class NotificationOptions(_Common):
         ["extra", None, "{}", "more payload keys, a JSON object"],
     ]
 
+    def postOptions(self) -> None:
+        _check_ids(self, "user")
+
     def event(self) -> dict[str, Any]:
         return publish.notification(self["user"], self["type"], self["event"], **_json(self["extra"], "--extra"))
 
@@ -152,6 +165,7 @@ class RunOptions(_Common):
 
     def postOptions(self) -> None:
         self["exec"] = self["exec"] or f"demo-exec-{uuid.uuid4().hex[:12]}"
+        _check_ids(self, "user", "exec")
         try:
             self["step"] = float(self["step"])
         except ValueError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -24,7 +23,7 @@ from .factory import WebsocketFactory
 from .hub import Hub
 from .metrics import Metrics, Stats
 from .router import Router
-from .web import QuietSite, Root
+from .web import QuietSite, Root, Upgrade
 
 log = Logger()
 
@@ -63,10 +62,10 @@ class WebsocketServer(MultiService):
         self.bus.setServiceParent(self)
         self.factory = WebsocketFactory(settings, self.hub, self.stats, self.verifier, reactor,
                                         catchup=self.catchup, gate=lambda: getattr(self.bus, "gate", None))
-        root = Root(WebSocketResource(self.factory), self.ready,
+        root = Root(Upgrade(self.factory), self.ready,
                     self.metrics.render if settings.enable_metrics else None, settings.cors_allow_origins)
-        self.site = QuietSite(root, websocket=self.factory, timeout=settings.open_handshake_timeout or None,
-                              reactor=reactor)
+        self.site = QuietSite(root, settings, self.stats, websocket=self.factory,
+                              timeout=settings.open_handshake_timeout or None, reactor=reactor)
         self.site.noisy = False
         self.factory.noisy = False
         self.listener: StreamServerEndpointService = strports.service(settings.endpoint, self.site, reactor=reactor)

@@ -12,11 +12,14 @@ import sys
 from typing import IO, Any, Callable, Mapping
 
 from twisted.application.service import IService
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.util import untilConcludes
 
 from . import __version__, logs
 from .config import ConfigError, Settings, config_file_from, load
+
+log = Logger()
 
 # command-line option -> setting key
 OVERRIDES = {
@@ -164,6 +167,48 @@ def one_line_startup_errors(previous: Callable[..., Any]) -> Callable[..., Any]:
     return hook
 
 
+# a status a daemonizing twistd's child sends its parent fits one atomic
+# pipe write (PIPE_BUF is at least 512; 4096 on Linux)
+STATUS_MAX = 512
+
+
+def report_daemon_startup(runner: type, logfile: str) -> None:
+    """Make a daemonizing twistd report a start-up failure in one line.
+
+    twistd's child writes the failure to its parent over a pipe, cut to
+    100 bytes, and the parent prints its bytes repr ("An error has
+    occurred: b'autogpt_ws.service.StartupError: cannot listen on
+    tcp:8001:interface=0.0.0.0:backlog=4096: [Errno '"); the log file gets
+    nothing.  Here the child logs the failure (the log file has it) and
+    sends the whole line, and the parent prints it as it is, as
+    ``python ws.py`` does.  ``runner`` is twistd's UnixApplicationRunner:
+    both processes are forks of the one this runs in."""
+    from .service import StartupError
+
+    def format_child_exception(self: Any, exception: BaseException) -> bytes:
+        if isinstance(exception, StartupError):
+            log.critical("{error}", error=str(exception))
+            line = f"autogpt-ws: {exception}"
+        else:
+            log.failure("start-up failed")  # called while handling it: the traceback goes to the log
+            line = f"autogpt-ws: start-up failed: {type(exception).__name__}: {exception} (see {logfile})"
+        data = b"1 " + line.replace("\n", " ").encode("utf-8", "backslashreplace")
+        return data[:STATUS_MAX]
+
+    def wait_for_start(self: Any, read_pipe: int) -> int:
+        data = untilConcludes(os.read, read_pipe, STATUS_MAX)
+        if data == b"0":
+            return 0
+        stream = sys.__stderr__ or sys.stderr
+        untilConcludes(stream.write, data[2:].decode("utf-8", "replace") + "\n")
+        stream.flush()
+        return 1
+
+    if hasattr(runner, "_formatChildException") and hasattr(runner, "_waitForStart"):
+        runner._formatChildException = format_child_exception  # type: ignore[attr-defined]
+        runner._waitForStart = wait_for_start  # type: ignore[attr-defined]
+
+
 def makeService(options: Options) -> IService:
     """twistd's entry: the same tree as ``python ws.py``."""
     from .app import HeapFreezer
@@ -172,4 +217,9 @@ def makeService(options: Options) -> IService:
     server = build(options.settings, demo=bool(options["demo"]))
     HeapFreezer().setServiceParent(server)
     sys.excepthook = one_line_startup_errors(sys.excepthook)
+    parent = getattr(options, "parent", None)
+    if parent is not None and not parent.get("nodaemon") and os.name == "posix":
+        from twisted.scripts._twistd_unix import UnixApplicationRunner
+
+        report_daemon_startup(UnixApplicationRunner, parent.get("logfile") or "twistd.log")
     return server

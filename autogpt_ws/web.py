@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any, Callable
 
+from autobahn.twisted.resource import WebSocketResource
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
@@ -15,6 +16,9 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
+from .config import Settings
+from .heads import OVERLOADED, HeadReader, HeadRefused, Refusal, refuse
+from .metrics import Stats
 from .origins import OriginList
 
 log = Logger()
@@ -42,7 +46,11 @@ class JSONPage(Resource):
         return self._render_get(request)
 
     def render_HEAD(self, request: Request) -> bytes:
-        return self._render_get(request)
+        # the GET answer's headers and length, no body (a body here makes
+        # twisted.web log a warning on every HEAD)
+        body = self._render_get(request)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return b""
 
     def render(self, request: Request) -> bytes:
         if request.method in (b"GET", b"HEAD"):
@@ -136,22 +144,79 @@ def redact(uri: bytes) -> str:
     return _TOKEN.sub(rb"\1***", uri).decode("latin-1")
 
 
-class HeadDeadlineChannel(HTTPChannel):
-    """An HTTP channel whose request head must arrive within the Site
-    timeout (open_handshake_timeout).  twisted.web's own timeout is an idle
-    timeout, reset by every byte, so a client trickling its request one byte
-    at a time (slowloris) would otherwise hold the socket forever."""
+class BoundedChannel(HTTPChannel):
+    """twisted.web's HTTP/1.1 channel held to the bounds of a request
+    (:mod:`heads`), for every request of a keep-alive connection:
+
+    - each request head within the size bounds (414/431), and arriving
+      within the Site timeout (open_handshake_timeout) from its first byte.
+      twisted.web's own timeout is an idle timeout, reset by every byte, so
+      a client trickling its request one byte at a time (slowloris) would
+      otherwise hold the socket forever;
+    - no body: no route takes one, so a body a request announces
+      (Content-Length above 0, chunked) is never read: the request is
+      answered at once as if it had none (405 for a POST), and the
+      connection closed after the answer;
+    - pipelined requests are parsed only while the client reads the
+      answers: a read full of them does not pile up answers in memory.
+
+    The connection counts toward ``max_http_connections`` until it closes."""
 
     _head_call: Any = None
+    _held = b""  # pipelined requests waiting for the client to read
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        if self.timeOut:
-            self._head_call = self.callLater(self.timeOut, self._head_expired)
+        self.head = self.site.head_reader()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._held or self._waitingForTransport:
+            self._held += data
+            return
+        start = 0
+        while start < len(data) and not self.transport.disconnecting:
+            if not self.head.started:
+                self._start_head()
+            try:
+                end = self.head.feed(data, start)
+            except HeadRefused as refused:
+                self._refuse(refused.refusal)
+                return
+            if end < 0:
+                super().dataReceived(data[start:] if start else data)
+                return
+            self._cancel_head()
+            super().dataReceived(data[start:end])
+            start = end
+            if self._waitingForTransport and start < len(data):
+                self._held = data[start:]
+                return
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if self._held and not self._waitingForTransport:
+            held, self._held = self._held, b""
+            self.dataReceived(held)
 
     def allHeadersReceived(self) -> None:
-        self._cancel_head()
+        request = self.requests[-1]
+        request.requestHeaders.removeHeader(b"Expect")  # never invite a body: no "100 Continue"
+        body = self.length != 0  # Content-Length above 0, or chunked (None)
+        if body:
+            # no route takes a body: answer as if there were none, read none
+            # of it, and close after the answer
+            self.length = 0
+            self._transferDecoder = None
+            self.site.refused("body")
         super().allHeadersReceived()
+        if body:
+            self.persistent = False
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+
+    def _refuse(self, refusal: Refusal) -> None:
+        self._cancel_head()
+        self.site.refused(refusal.label)
+        refuse(self.transport, refusal)
 
     def timeoutConnection(self) -> None:
         self._cancel_head()
@@ -159,7 +224,12 @@ class HeadDeadlineChannel(HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._cancel_head()
+        self.site.http_closed()
         super().connectionLost(reason)
+
+    def _start_head(self) -> None:
+        if self.timeOut and self._head_call is None:
+            self._head_call = self.callLater(self.timeOut, self._head_expired)
 
     def _cancel_head(self) -> None:
         if self._head_call is not None and self._head_call.active():
@@ -172,37 +242,57 @@ class HeadDeadlineChannel(HTTPChannel):
         self.timeoutConnection()
 
 
-MAX_REQUEST_LINE = 8192
 UPGRADE_LINES = (b"GET /ws ", b"GET /ws?")
 
 
 class FrontDoor(Protocol):
-    """Reads a connection's request line, then hands the connection on:
-    ``GET /ws`` straight to the Autobahn factory (which parses the request
-    head itself), anything else to twisted.web.  The upgrade then skips
-    twisted.web's Request, its resource traversal and WebSocketResource's
-    re-serialisation of the request for Autobahn to parse again: most of
-    the cost of a connection.  The request line must arrive within the
-    Site timeout (open_handshake_timeout)."""
+    """Reads a connection's first request head (bounded, :mod:`heads`),
+    then hands the connection on: ``GET /ws`` straight to the Autobahn
+    factory (which parses the head itself), anything else to twisted.web.
+    The upgrade then skips twisted.web's Request, its resource traversal
+    and WebSocketResource's re-serialisation of the request for Autobahn to
+    parse again: most of the cost of a connection.  The head must arrive
+    within the Site timeout (open_handshake_timeout)."""
 
     def __init__(self, site: "QuietSite", addr: Any) -> None:
         self.site = site
         self.addr = addr
-        self.buffer = b""
+        self.head = site.head_reader()
+        self.buffer: bytearray | None = None  # the head so far, when it takes several reads
         self.deadline: Any = None
+        self.done = False  # refused, or handed on
 
     def connectionMade(self) -> None:
         if self.site.timeOut:
             self.deadline = self.site.reactor.callLater(self.site.timeOut, self.transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
-        buffer = self.buffer + data
-        if b"\r\n" not in buffer and len(buffer) < MAX_REQUEST_LINE:
-            self.buffer = buffer
+        if self.done:
             return
+        try:
+            end = self.head.feed(data)
+        except HeadRefused as refused:
+            self.done = True
+            self._stop_deadline()
+            self.site.refused(refused.refusal.label)
+            refuse(self.transport, refused.refusal)
+            return
+        if self.buffer is None:
+            if end < 0:  # rare: most heads come in one read
+                self.buffer = bytearray(data)  # one growing block, whatever the reads
+                return
+            buffer = data
+        else:
+            self.buffer += data
+            if end < 0:
+                return
+            buffer = bytes(self.buffer)
+            self.buffer = None
+        self.done = True
         self._stop_deadline()
         if buffer.startswith(UPGRADE_LINES) and self.site.websocket is not None:
             successor = self.site.websocket.buildProtocol(self.addr)
+            self.site.http_closed()  # a WebSocket from now on: max_connections counts it
         else:
             successor = Site.buildProtocol(self.site, self.addr)
         transport: Any = self.transport
@@ -215,6 +305,7 @@ class FrontDoor(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._stop_deadline()
+        self.site.http_closed()  # (once handed on, the successor hears of the close)
 
     def _stop_deadline(self) -> None:
         if self.deadline is not None and self.deadline.active():
@@ -222,22 +313,62 @@ class FrontDoor(Protocol):
         self.deadline = None
 
 
+class Upgrade(WebSocketResource):
+    """``/ws`` on the Site, for the upgrades the front door does not see
+    (a keep-alive connection's later request): the WebSocket takes the
+    connection from twisted.web, which then no longer counts it."""
+
+    def render(self, request: Request) -> Any:
+        channel = request.channel
+        result = super().render(request)
+        if channel.transport is None:  # taken over
+            channel.site.http_closed()
+        return result
+
+
+class Overloaded(Protocol):
+    """The answer to a connection beyond ``max_http_connections``."""
+
+    def connectionMade(self) -> None:
+        refuse(self.transport, OVERLOADED)
+
+
 class QuietSite(Site):
     """The one port: a :class:`FrontDoor` per connection, then twisted.web
-    for HTTP (and for ``/ws``, mounted as a WebSocketResource, whatever the
+    for HTTP (and for ``/ws``, mounted as :class:`Upgrade`, whatever the
     front door did not recognise).  twisted.web's access log writes full
     URIs (tokens included) to the legacy log; ours is a structured debug
-    line with the query redacted.  Its channels enforce a deadline on the
-    request head."""
+    line with the query redacted.  Its channels hold every request to the
+    bounds of :mod:`heads` and count toward ``max_http_connections``."""
 
-    def __init__(self, resource: Any, websocket: Any = None, **kwargs: Any) -> None:
+    def __init__(self, resource: Any, settings: Settings, stats: Stats, websocket: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.websocket = websocket
+        self.stats = stats
+        self.max_request_line = settings.max_request_line
+        self.max_request_head = settings.max_request_head
+        self.max_http_connections = settings.max_http_connections
+        self.http_connections = 0  # connections that are not (yet) WebSockets
+
+    def head_reader(self) -> HeadReader:
+        return HeadReader(self.max_request_line, self.max_request_head)
+
+    def refused(self, label: str) -> None:
+        """Count a request or connection refused by a bound (or a body not read)."""
+        self.stats.http_refused[label] += 1
+
+    def http_closed(self) -> None:
+        self.http_connections -= 1
 
     def protocol(self) -> Any:  # type: ignore[override]
-        return _GenericHTTPChannelProtocol(HeadDeadlineChannel())
+        return _GenericHTTPChannelProtocol(BoundedChannel())
 
     def buildProtocol(self, addr: Any) -> Any:
+        if self.max_http_connections and self.http_connections >= self.max_http_connections:
+            self.refused(OVERLOADED.label)
+            return Overloaded()
+        self.http_connections += 1
         return FrontDoor(self, addr)
 
     def log(self, request: Request) -> None:  # type: ignore[override]

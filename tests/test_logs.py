@@ -91,6 +91,51 @@ class Observers(TestCase):
             self.assertNotIn("hunter2", out, fmt)
             self.assertIn("token=***&x=1", out, fmt)
 
+    def test_control_characters_escaped(self) -> None:
+        """Client input (a request line, a header, an id) never writes
+        control characters or ANSI escapes to the log, nor forges a line."""
+        hostile = "/x\x1b[31mred\x1b[0m\r\nFORGED [autogpt_ws#info] line\x00\x07\x7f\x9b2J"
+        log, stream, _ = self.logger()
+        log.info("GET {uri}", uri=hostile)
+        log.info("next")
+        text = stream.getvalue()
+        lines = text.splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("GET /x\\x1b[31mred\\x1b[0m\\x0d\\x0aFORGED [autogpt_ws#info] line\\x00\\x07\\x7f\\x9b2J",
+                      lines[0])
+        self.assertEqual([c for c in text if ord(c) < 0x20 and c != "\n" or 0x7F <= ord(c) < 0xA0], [])
+        log, stream, _ = self.logger(fmt="json")
+        log.info("GET {uri}", uri=hostile)
+        line = stream.getvalue()
+        self.assertEqual(len(line.splitlines()), 1)
+        self.assertEqual([c for c in line if ord(c) < 0x20 and c != "\n" or 0x7F <= ord(c) < 0xA0], [])
+        self.assertEqual(json.loads(line)["uri"], hostile)  # escaped, not lost
+
+    def test_traceback_keeps_its_lines(self) -> None:
+        log, stream, _ = self.logger()
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("handling a frame failed")
+        self.assertIn("\n\tTraceback (most recent call last):\n", stream.getvalue())
+
+    def test_lone_surrogate_does_not_lose_the_line(self) -> None:
+        """A string that cannot be encoded (a lone surrogate, as
+        ``surrogateescape`` makes of bad bytes) is written escaped."""
+        for fmt in ("text", "json"):
+            raw = io.BytesIO()
+            stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+            publisher = LogPublisher(logs.make_observer("info", fmt, stream))
+            log = Logger(namespace="autogpt_ws.test", observer=publisher)
+            log.info("id {ident} é", ident="a\udcffb")
+            log.info("after")
+            lines = raw.getvalue().decode("utf-8").splitlines()
+            self.assertEqual(len(lines), 2, (fmt, lines))
+            self.assertIn("a\\udcffb", lines[0])
+            self.assertIn("é", lines[0])
+            if fmt == "json":
+                self.assertEqual(json.loads(lines[0])["ident"], "a\udcffb")
+
     def test_closed_stream_does_not_raise(self) -> None:
         stream = io.StringIO()
         observer = logs.LineObserver(stream, "text")

@@ -63,6 +63,21 @@ class Metrics(TestCase):
         self.assertEqual(status, 404)
 
     @inlineCallbacks
+    def test_close_codes_outside_the_documented_set_are_other(self) -> None:
+        """A client picks its close code: any code outside the README's
+        table is one label, ``other``, so clients cannot grow the label set."""
+        server = start_server(self, enable_metrics=True)
+        for code in (1000, 4003, 3000, 4999, 1010, 4321):
+            client: RawClient = yield raw_connect(server.port, test=self)
+            client.send(code.to_bytes(2, "big"), opcode=0x8)
+            yield client.lost
+        yield wait_for(lambda: not server.factory.sockets)
+        after = yield scrape(server)
+        labels = {sample.labels["code"]: sample.value
+                  for sample in after.families["autogpt_ws_sockets_closed"].samples if sample.name.endswith("_total")}
+        self.assertEqual(labels, {"1000": 1, "4003": 1, "other": 4})
+
+    @inlineCallbacks
     def test_every_family_moves(self) -> None:
         server = start_server(self, enable_metrics=True, enable_auth=True, jwt_verify_key=SECRET, auth_failure="close")
         bus: Any = server.bus

@@ -231,7 +231,10 @@ class CommandInProcess(TestCase):
         from twisted.python.usage import UsageError
 
         for argv in ([], ["node", "--status", "DONE"], ["node", "--input", "[1]"], ["raw", "only-channel"],
-                     ["raw", "ch", "{bad"], ["run", "--step", "soon"], ["bogus"]):
+                     ["raw", "ch", "{bad"], ["run", "--step", "soon"], ["bogus"],
+                     # ids make channel names: none may be empty or hold a delimiter
+                     ["notification", "--user", ""], ["notification", "--user", "a/b"], ["run", "--user", ""],
+                     ["node", "--graph", ""], ["graph", "--exec", "e/1"], ["graph", "--user", "{u}"]):
             with self.assertRaises(UsageError, msg=argv):
                 options = parse(argv)
                 if argv[:1] == ["node"]:
@@ -286,6 +289,7 @@ class CommandSubprocess(TestCase):
             (["node", "--status", "DONE"], 2, b"--status must be one of"),
             ([], 2, b"name what to publish"),
             (["node", "--set", "redis_port=abc"], 2, b"configuration error: redis_port"),
+            (["notification", "--user", "", "--redis-url", dead], 2, b"--user must be a non-empty id"),
         ):
             out, err, code = yield self.run_command(*argv)
             self.assertEqual(code, status, (argv, out, err))

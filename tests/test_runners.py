@@ -331,14 +331,38 @@ class TwistdRunner(TestCase):
         self.addCleanup(_kill_quietly, pid)
         wait_healthy(port)
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + EXIT
-        while os.path.exists(pidfile) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.assertFalse(os.path.exists(pidfile), "pidfile left behind")
+        self.assertTrue(removed(pidfile), "pidfile left behind")
         with open(logfile) as handle:
             log = handle.read()
         self.assertIn(f'"address": "127.0.0.1:{port}"', log)
         self.assertIn("autogpt-ws stopped", log)
+
+    def test_daemon_port_in_use_one_line_and_logged(self) -> None:
+        """Daemonized, a start-up failure reaches the shell as one clear
+        line (twistd's own report cuts it to a bytes repr of 100 bytes)
+        and the log file has it too."""
+        cwd = tempfile.mkdtemp(prefix="autogpt-ws-daemon-")
+        pidfile, logfile = os.path.join(cwd, "autogpt-ws.pid"), os.path.join(cwd, "autogpt-ws.log")
+        sock, port = listening_socket()
+        with sock:
+            proc = Process(self, twistd(f"--pidfile={pidfile}", f"--logfile={logfile}", "autogpt-ws",
+                                        "--host", "127.0.0.1", "--port", str(port)), cwd=cwd)
+            code = proc.wait(STARTUP)
+        expected = f"autogpt-ws: cannot listen on tcp:{port}:interface=127.0.0.1:backlog=4096: [Errno 98] Address already in use"
+        self.assertEqual((code, proc.stderr, proc.stdout), (1, expected + "\n", ""))
+        self.assertTrue(removed(pidfile), "pidfile left behind")  # the daemon removes it after telling the parent
+        with open(logfile) as handle:
+            log = handle.read()
+        self.assertIn(f"[autogpt_ws.tap#critical] cannot listen on tcp:{port}:interface=127.0.0.1", log)
+        self.assertIn("Address already in use", log)
+
+
+def removed(path: str, timeout: float = EXIT) -> bool:
+    """Wait up to ``timeout`` seconds for ``path`` to be gone; is it?"""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not os.path.exists(path)
 
 
 def _kill_quietly(pid: int) -> None:
