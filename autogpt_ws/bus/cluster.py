@@ -92,8 +92,7 @@ class ClusterBus(Service):
         self.seeds = seed_nodes(settings)
         self.remap = remap_for(settings)
         self.settings = settings
-        self.options = ConnectOptions(settings.redis_tls, settings.redis_tls_ca_file, settings.redis_connect_timeout,
-                                      settings.redis_username, settings.redis_password)
+        self.options = ConnectOptions.from_settings(settings)
         self.resolver = resolver or ExecutionResolver(settings.database_url, reactor, timeout=settings.database_timeout)
         self.database = describe_url(settings.database_url)
         self.refresh_interval = refresh_interval

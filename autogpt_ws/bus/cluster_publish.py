@@ -50,9 +50,7 @@ class ClusterPublisher:
 
             reactor = default_reactor
         host, port = seed_nodes(settings)[0]
-        seed = RedisAddress(host, port, username=settings.redis_username, password=settings.redis_password,
-                            tls=settings.redis_tls, ca_file=settings.redis_tls_ca_file,
-                            timeout=settings.redis_connect_timeout)
+        seed = replace(RedisAddress.from_settings(settings), host=host, port=port, db=0)
         return cls(seed, reactor, remap_for(settings))
 
     def publish(self, channel: str, data: bytes) -> Deferred[int]:

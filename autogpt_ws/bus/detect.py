@@ -32,7 +32,7 @@ from ..router import Router
 from . import IEventBus, make_bus
 from .redis_client import describe_error
 from .resp import RedisProtocol, connect, handshake
-from .shard import backoff, closed
+from .shard import ConnectOptions, backoff, closed
 from .slots import format_address
 
 log = Logger()
@@ -116,13 +116,12 @@ class AutoBus(MultiService):
 
     @inlineCallbacks
     def _info(self) -> Any:
-        s = self.settings
+        o = ConnectOptions.from_settings(self.settings)
         host, port = self.address
-        conn: RedisProtocol = yield connect(self.reactor, host, port, timeout=s.redis_connect_timeout,
-                                            tls=s.redis_tls, ca_file=s.redis_tls_ca_file)
-        deadline = self.reactor.callLater(s.redis_connect_timeout, conn.transport.abortConnection)
+        conn: RedisProtocol = yield connect(self.reactor, host, port, timeout=o.timeout, tls=o.tls, ca_file=o.ca_file)
+        deadline = self.reactor.callLater(o.timeout, conn.transport.abortConnection)
         try:
-            yield handshake(conn, s.redis_username, s.redis_password, 0, "autogpt-ws-detect")
+            yield handshake(conn, o.username, o.password, 0, "autogpt-ws-detect")
             info = yield conn.command("INFO", "cluster")
         finally:
             if deadline.active():

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..config import Settings, redis_address
 from ..metrics import Stats
 from .resp import RedisError, RedisProtocol, connect, handshake
 from .slots import Address, format_address, parse_address
@@ -77,6 +78,14 @@ class ConnectOptions:
     username: str
     password: str
     name: str = "autogpt-ws-cluster"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ConnectOptions":
+        """TLS and credentials as the classic address has them (REDIS_URL
+        included): every node of a cluster takes the same."""
+        address = redis_address(settings)
+        return cls(address["tls"], settings.redis_tls_ca_file, settings.redis_connect_timeout,
+                   address["username"], address["password"])
 
 
 class ShardLink:
