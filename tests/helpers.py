@@ -171,6 +171,17 @@ def token(sub: Any = "user-1", key: Any = SECRET, algorithm: str = "HS256", aud:
     return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
 
 
+def padded(event: dict[str, Any], size: int) -> dict[str, Any]:
+    """``event`` with a ``pad`` key making its published envelope exactly
+    ``size`` bytes."""
+    from autogpt_ws.publish import envelope
+
+    base = len(envelope({**event, "pad": ""}, max_size=size * 2))
+    event = {**event, "pad": "x" * (size - base)}
+    assert len(envelope(event, max_size=size * 2)) == size
+    return event
+
+
 # -- redis-server -------------------------------------------------------------
 
 
