@@ -246,15 +246,16 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
            "redis-cluster: answer a subscribe to an unknown, deleted or other user's execution with the AutoGPT "
            "server's error (false: no reply)"),
         _f("max_message_size_limit", "size", 16 * MiB, "MAX_MESSAGE_SIZE_LIMIT",
-           "largest event envelope published or accepted from the bus", minimum=1),
+           "largest event envelope published, or read from the bus (larger: dropped, counted oversized)", minimum=1),
     )),
     ("WebSocket limits", (
-        _f("max_inbound_frame", "size", 64 * KiB, "WS_MAX_MESSAGE_SIZE", "largest client message; over it: close 1009", minimum=16),
-        _f("max_send_buffer", "size", 1 * MiB, "WS_MAX_SEND_BUFFER", "unsent bytes a socket may hold: a frame due while more is unsent closes it 1013 slow consumer (keep it above your largest event)", minimum=1024),
-        _f("max_connections", "int", 20000, "WS_MAX_CONNECTIONS", "open sockets; beyond it the upgrade gets HTTP 503 (0: no limit)", minimum=0),
-        _f("max_connections_per_user", "int", 64, "WS_MAX_CONNECTIONS_PER_USER", "sockets per user; beyond it: close 1008 (0: no limit)", minimum=0),
+        _f("max_inbound_frame", "size", 64 * KiB, "WS_MAX_MESSAGE_SIZE", "largest client message (after inflating, when compressed); over it: close 1009", minimum=16),
+        _f("max_message_frames", "int", 32, "WS_MAX_MESSAGE_FRAMES", "frames one client message may span; beyond it: close 1009", minimum=1),
+        _f("max_send_buffer", "size", 1 * MiB, "WS_MAX_SEND_BUFFER", "unsent bytes a socket may hold, every frame counted (pongs too): a frame due while more is unsent closes it 1013 slow consumer (keep it above your largest event)", minimum=1024),
+        _f("max_connections", "int", 20000, "WS_MAX_CONNECTIONS", "open sockets per worker process; beyond it the upgrade gets HTTP 503 (0: no limit)", minimum=0),
+        _f("max_connections_per_user", "int", 64, "WS_MAX_CONNECTIONS_PER_USER", "sockets per user in one worker process; beyond it: close 1008 (0: no limit)", minimum=0),
         _f("max_subscriptions_per_socket", "int", 1000, "WS_MAX_SUBSCRIPTIONS", "subscriptions per socket; beyond it: error Subscription limit reached (0: no limit)", minimum=0),
-        _f("rate_limit", "float", 20.0, "WS_RATE_LIMIT", "client frames per second per socket, sustained (0: no limit)", minimum=0),
+        _f("rate_limit", "float", 20.0, "WS_RATE_LIMIT", "client frames per second per socket, sustained; every frame counts, pings and continuations too (0: no limit)", minimum=0),
         _f("rate_burst", "int", 60, "WS_RATE_BURST", "client frames allowed at once above the rate", minimum=1),
         _f("rate_abuse_close", "int", 100, "WS_RATE_ABUSE_CLOSE", "frames refused in a row before closing 1008", minimum=1),
         _f("open_handshake_timeout", "float", 10.0, "WS_OPEN_HANDSHAKE_TIMEOUT", "seconds for a client to send each request head, and to complete the upgrade", minimum=0),
@@ -349,6 +350,7 @@ class Settings:
     execution_not_found_reply: bool
     max_message_size_limit: int
     max_inbound_frame: int
+    max_message_frames: int
     max_send_buffer: int
     max_connections: int
     max_connections_per_user: int

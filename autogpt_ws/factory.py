@@ -59,11 +59,23 @@ class ExactTimer:
         return _Call(self._reactor.callLater(delay, func, *args, **kwargs))
 
 
-def accept_deflate(offers: Sequence[Any]) -> PerMessageDeflateOfferAccept | None:
-    for offer in offers:
-        if isinstance(offer, PerMessageDeflateOffer):
-            return PerMessageDeflateOfferAccept(offer)
-    return None
+def deflate_acceptor(max_message: int) -> Callable[[Sequence[Any]], PerMessageDeflateOfferAccept | None]:
+    """Accept permessage-deflate; a message inflates to at most one byte
+    past ``max_message`` (zlib's max_length), so a compression bomb is cut
+    there and the protocol refuses that one byte exactly."""
+
+    def accept_deflate(offers: Sequence[Any]) -> PerMessageDeflateOfferAccept | None:
+        for offer in offers:
+            if isinstance(offer, PerMessageDeflateOffer):
+                return PerMessageDeflateOfferAccept(offer, max_message_size=max_message + 1)
+        return None
+
+    return accept_deflate
+
+
+def deflate_bound(size: int) -> int:
+    """The most ``size`` bytes can take deflated (zlib's compressBound)."""
+    return size + (size >> 12) + (size >> 14) + (size >> 25) + 13
 
 
 class Admission:
@@ -130,19 +142,23 @@ class WebsocketFactory(WebSocketServerFactory):
         self.admission = Admission(settings, lambda: len(self.sockets))
         self._batched_timer = ExactTimer(reactor)
         self.flusher = Flusher(reactor)
+        limit = settings.max_inbound_frame
         self.setProtocolOptions(
             webStatus=False,
             versions=[13],  # RFC 6455 only (Autobahn also speaks hybi-10, version 8)
             allowNullOrigin=True,  # the Origin policy is ours (Admission): "null" is refused there unless listed
-            maxFramePayloadSize=settings.max_inbound_frame,
-            maxMessagePayloadSize=settings.max_inbound_frame,
+            # the protocol bounds a message exactly, before inflating or
+            # after; Autobahn checks each frame on the wire, and its own
+            # message count mixes compressed and inflated sizes: off
+            maxFramePayloadSize=deflate_bound(limit) if settings.permessage_deflate else limit,
+            maxMessagePayloadSize=0,
             autoPingInterval=settings.ping_interval,
             autoPingTimeout=settings.ping_timeout,
             openHandshakeTimeout=settings.open_handshake_timeout,
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             failByDrop=False,
             tcpNoDelay=True,
-            perMessageCompressionAccept=accept_deflate if settings.permessage_deflate else (lambda offers: None),
+            perMessageCompressionAccept=deflate_acceptor(limit) if settings.permessage_deflate else (lambda offers: None),
         )
         self.protocol = options_on_class(ServerProtocol, self)
 

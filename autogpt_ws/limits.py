@@ -1,9 +1,10 @@
 """Per-socket limits that need a little state: the inbound frame rate
-(a token bucket) and the size of a socket's unsent output."""
+(a token bucket) and a socket's unsent output (its size, and dropping all
+of it but the frame being sent)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 
 class TokenBucket:
@@ -53,3 +54,27 @@ def unsent_bytes(descriptor: Any) -> int:
     """Bytes written to a file descriptor and not yet handed to the kernel
     (``twisted.internet.abstract.FileDescriptor``'s two buffers)."""
     return len(descriptor.dataBuffer) - descriptor.offset + descriptor._tempDataLen
+
+
+def frame_rest(frames: Sequence[bytes], unsent: int) -> int:
+    """How many of the last ``unsent`` bytes of ``b"".join(frames)`` (whole
+    frames) belong to the frame partly sent: the bytes to keep so that
+    dropping the rest never cuts a frame."""
+    whole = 0
+    for frame in reversed(frames):
+        if whole + len(frame) > unsent:
+            break
+        whole += len(frame)
+    return unsent - whole
+
+
+def keep_unsent(descriptor: Any, keep: int) -> None:
+    """Drop all but the first ``keep`` bytes a file descriptor has not
+    sent yet (its buffers, as :func:`unsent_bytes` reads them)."""
+    if keep >= unsent_bytes(descriptor):
+        return
+    pending = descriptor.dataBuffer[descriptor.offset:] + b"".join(descriptor._tempDataBuffer)
+    descriptor.dataBuffer = pending[:keep]
+    descriptor.offset = 0
+    descriptor._tempDataBuffer = []
+    descriptor._tempDataLen = 0

@@ -1,20 +1,18 @@
-"""The Autobahn server protocol: handshake, frame dispatch, pushes, close.
+"""The Autobahn server protocol: handshake, inbound frames, dispatch, close.
 
 Everything protocol-level lives in :mod:`session` and :mod:`wire`; this
-module is the transport side: authenticate at the upgrade, feed frames to
-the session strictly in order, write pushed frames (raw, framed once, when
-the socket does not compress), watch the send buffer, and close with the
-right code.
+module is the transport side: authenticate at the upgrade, bound every
+frame the client sends, feed messages to the session strictly in order,
+and close with the right code.  What the socket writes, and its bound,
+is :mod:`outbound`.
 
-Backpressure: the socket is its transport's streaming producer, so the
-transport tells it (``pauseProducing``) when more than its buffer size
-(64 KiB, or ``max_send_buffer`` if smaller) is unsent, and
-``resumeProducing`` once all is written.  Only while paused is the unsent
-output measured; a frame (push or reply) due while it exceeds
-``max_send_buffer`` closes the socket 1013 ``slow consumer`` and aborts it
-instead of being written.  So one socket holds at most ``max_send_buffer``
-plus one frame (a frame larger than the bound is written when the buffer is
-under it), and the other sockets never wait for a slow one.
+Inbound bounds, per frame (:meth:`ServerProtocol.onFrameBegin`): every
+frame a client sends, pings, pongs and empty continuation frames included,
+takes a token of the rate limit; a message spans at most
+``max_message_frames`` frames and carries at most ``max_inbound_frame``
+bytes (a compressed one is inflated at most one byte past that, then
+refused).  A client that breaks one is closed and then ignored: the
+connection ends as soon as the close frame is written (:meth:`Outbound._shut`).
 """
 
 from __future__ import annotations
@@ -27,18 +25,17 @@ from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol as _WS
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.tcp import Connection as TCPConnection
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import lazylog
 from .auth import AuthFailure, Identity
-from .flush import send_direct
-from .limits import TokenBucket, descriptor_of, unsent_bytes
+from .limits import TokenBucket
 from .metrics import close_code_label
+from .outbound import CLOSE_TRY_AGAIN, Outbound  # noqa: F401 (1013, with the other close codes)
 from .session import Session
-from .wire import ERR_RATE_LIMITED, OutFrame, error, ws_text_frame
+from .wire import ERR_RATE_LIMITED, error, ws_text_frame
 
 if TYPE_CHECKING:
     from .factory import WebsocketFactory
@@ -69,12 +66,11 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED = 1003
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
-CLOSE_TRY_AGAIN = 1013
 
 RATE_LIMITED = error(ERR_RATE_LIMITED)
 
 
-class ServerProtocol(WebSocketServerProtocol):
+class ServerProtocol(Outbound, WebSocketServerProtocol):
     factory: "WebsocketFactory"
 
     user_id: str = ""
@@ -84,16 +80,14 @@ class ServerProtocol(WebSocketServerProtocol):
     _session: Session | None = None
     _attached = False
     _deflate = False
-    _paused = False
-    _backlog = 0  # bytes written while paused, when the buffer cannot be read
-    _descriptor: Any = None  # the file descriptor buffering our output
     _busy: Deferred[None] | None = None
     _inbox: deque[bytes] | None = None
     _bucket: TokenBucket | None = None
-    _out: list[bytes] | None = None  # frames pushed this reactor turn, not yet written
-    _queued = 0  # their bytes
-    _plain_tcp = False  # the transport is a bare TCP socket (no TLS wrapper)
-    _room = 0  # bytes the bound allowed when the first of them was queued
+    # the message being received: its continuation frames so far, and
+    # whether one of its frames was over the rate limit
+    _continuations = 0
+    _refused = False
+    _skip_pong = False  # the ping being received was over the rate limit
 
     # -- connection ---------------------------------------------------------
 
@@ -102,17 +96,7 @@ class ServerProtocol(WebSocketServerProtocol):
         self.send_queue = SendQueue()
         self.keys: set[str] = set()
         self.factory.sockets.add(self)
-        # twisted.web's HTTPChannel registered itself as the producer of this
-        # transport before WebSocketResource took the transport over; we are
-        # the producer now, so pauses tell us our client is not reading.
-        transport: Any = self.transport
-        transport.unregisterProducer()  # a no-op when none is registered
-        transport.registerProducer(self, True)
-        self._plain_tcp = isinstance(transport, TCPConnection)
-        descriptor = self._descriptor = descriptor_of(transport)
-        bound = self.factory.settings.max_send_buffer
-        if descriptor is not None and descriptor.bufferSize > bound:
-            descriptor.bufferSize = bound  # pause us, and so check, below the bound
+        self._watch_output()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         try:
@@ -148,33 +132,6 @@ class ServerProtocol(WebSocketServerProtocol):
         self._session = None
         self.is_closed = None
         factory.socket_closed(self)
-
-    # IPushProducer: the transport tells us when its buffer fills and drains
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        self._backlog = 0
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-
-    def stopProducing(self) -> None:
-        pass
-
-    def unsent(self) -> int:
-        """Bytes written to this socket and not yet taken by the kernel
-        (an estimate above the transport's buffer size when the transport's
-        buffer cannot be read)."""
-        if self._descriptor is not None:
-            return unsent_bytes(self._descriptor)
-        return self.factory.transport_buffer + self._backlog if self._paused else 0
-
-    def _over_limit(self) -> bool:
-        """Called only while paused: is the unsent output over the bound?"""
-        if self.unsent() > self.factory.settings.max_send_buffer:
-            self._slow_consumer()
-            return True
-        return False
 
     # -- handshake ----------------------------------------------------------
 
@@ -289,13 +246,89 @@ class ServerProtocol(WebSocketServerProtocol):
 
     # -- inbound ------------------------------------------------------------
 
+    def dataReceived(self, data: bytes) -> None:
+        if not self._hanging_up:  # else closed for misbehaviour: nothing it sends matters
+            super().dataReceived(data)
+
+    def onFrameBegin(self) -> None:
+        """The bounds on a frame, from its header (module docstring)."""
+        if self.state == STATE_OPEN:
+            frame = self.current_frame
+            opcode = frame.opcode
+            bucket = self._bucket
+            refused = bucket is not None and opcode != 8 and not bucket.take(self.factory.clock.seconds())
+            if refused:
+                self._rate_refused(bucket)  # type: ignore[arg-type]
+            if opcode > 7:  # close, ping, pong
+                if refused and opcode == 9:
+                    self._skip_pong = True
+            elif opcode:  # a new message
+                if self._continuations:
+                    self._continuations = 0
+                if refused or self._refused:
+                    self._refused = refused
+                if frame.length > self.factory.settings.max_inbound_frame and not (
+                        frame.rsv == 4 and self._perMessageCompress is not None):  # compressed: bounded inflating
+                    self._too_big()
+            else:  # a continuation
+                self._continuation(frame.length, refused)
+        super().onFrameBegin()
+
+    def _continuation(self, length: int, refused: bool) -> None:
+        if refused:
+            self._refused = True
+        settings = self.factory.settings
+        count = self._continuations = self._continuations + 1
+        if count >= settings.max_message_frames:
+            self._fail_connection(CLOSE_TOO_BIG, "received WebSocket message exceeds the limit of "
+                                                 f"{settings.max_message_frames} frames")
+        elif not self._isMessageCompressed and self.message_data_total_length + length > settings.max_inbound_frame:
+            self._too_big()
+
+    def _too_big(self) -> None:
+        self._fail_connection(CLOSE_TOO_BIG, "received WebSocket message exceeds payload limit of "
+                                             f"{self.factory.settings.max_inbound_frame} octets")
+
+    def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
+        """Autobahn's own size checks: a frame over its bound on the wire,
+        a message inflating past the limit."""
+        self._too_big()
+
+    def _rate_refused(self, bucket: TokenBucket) -> None:
+        """A frame over the rate: a message gets an error reply, a ping no
+        pong; ``rate_abuse_close`` refusals in a row close 1008."""
+        self.factory.stats.rate_limited += 1
+        if bucket.refused >= self.factory.settings.rate_abuse_close:
+            log.info("rate limit abused: closing socket of user {user_id}", user_id=self.user_id)
+            self._shut(CLOSE_POLICY, "rate limit exceeded")
+
+    def onPing(self, payload: bytes) -> None:
+        if self._skip_pong:
+            self._skip_pong = False
+            return
+        super().onPing(payload)
+
+    def _fail_connection(self, code: int = _WS.CLOSE_STATUS_CODE_GOING_AWAY, reason: str = "going away") -> None:
+        """Autobahn fails a connection (1002, 1007, 1009) with a close frame,
+        then reads on, waiting for the client's; we hang up instead, so a
+        client that breaks the protocol costs nothing more (RFC 6455 7.1.7)."""
+        was_open = self.state == STATE_OPEN
+        super()._fail_connection(code, reason)
+        if was_open and self.state == _WS.STATE_CLOSING:
+            self._hang_up()
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._session is None or self.state != STATE_OPEN:
             return  # unauthenticated or closing: no frame but the close is sent
         if isBinary:
             self.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
             return
-        if not self._admit():
+        if self._refused:  # a frame of it was over the rate limit
+            self._refused = False
+            self.send_reply(RATE_LIMITED)
+            return
+        if self._deflate and len(payload) > self.factory.settings.max_inbound_frame:
+            self._too_big()  # inflated one byte past the limit: no further
             return
         if self._busy is not None:
             if self._inbox is None:
@@ -303,20 +336,6 @@ class ServerProtocol(WebSocketServerProtocol):
             self._inbox.append(payload)
             return
         self._dispatch(payload)
-
-    def _admit(self) -> bool:
-        """Token bucket on client frames: beyond the burst an error reply,
-        ``rate_abuse_close`` refusals in a row close 1008."""
-        bucket = self._bucket
-        if bucket is None or bucket.take(self.factory.clock.seconds()):
-            return True
-        self.factory.stats.rate_limited += 1
-        if bucket.refused >= self.factory.settings.rate_abuse_close:
-            log.info("rate limit abused: closing socket of user {user_id}", user_id=self.user_id)
-            self.close(CLOSE_POLICY, "rate limit exceeded")
-        else:
-            self.send_reply(RATE_LIMITED)
-        return False
 
     def _dispatch(self, payload: bytes) -> None:
         session = self._session
@@ -328,6 +347,7 @@ class ServerProtocol(WebSocketServerProtocol):
                 self._handler_failed(Failure())
             if pending is not None:
                 self._busy = pending
+                self._read(False)  # what follows waits in the client's TCP buffers, not here
                 pending.addErrback(self._handler_failed)
                 pending.addBoth(self._resume)
                 return
@@ -340,6 +360,16 @@ class ServerProtocol(WebSocketServerProtocol):
         self._busy = None
         if self._inbox:
             self._dispatch(self._inbox.popleft())
+        if self._busy is None:
+            self._read(True)
+
+    def _read(self, on: bool) -> None:
+        transport: Any = self.transport
+        if transport is not None and self.state != _WS.STATE_CLOSED:
+            if on:
+                transport.resumeProducing()
+            else:
+                transport.pauseProducing()
 
     def _handler_failed(self, failure: Failure) -> None:
         # no reply for this frame; the socket stays usable
@@ -349,80 +379,12 @@ class ServerProtocol(WebSocketServerProtocol):
     def send_reply(self, payload: bytes) -> None:
         """A reply to this socket's frame: framed here (one unmasked text
         frame, as Autobahn would) unless the socket compresses."""
-        if self.state == STATE_OPEN and not (self._paused and self._over_limit()):
+        if self.state == STATE_OPEN:
             self.factory.stats.replies_out += 1
             if self._deflate:
                 self.sendMessage(payload)
             else:
                 self.sendData(ws_text_frame(payload))
-
-    # -- outbound -----------------------------------------------------------
-
-    def push(self, frame: OutFrame) -> None:
-        """Write a frame built for many sockets: its shared framing, queued
-        for one write per reactor turn on plain TCP (:mod:`flush`); written
-        at once while the client is behind, or compressed per socket."""
-        if self.state != STATE_OPEN or (self._paused and self._over_limit()):
-            return
-        if self._deflate:
-            self.sendMessage(frame.payload)
-            if self._paused:
-                self._backlog += len(frame.payload)
-            return
-        if self._paused:
-            wire = frame.wire
-            self.transport.write(wire)  # type: ignore[union-attr]
-            self._backlog += len(wire)
-            return
-        wire = frame.wire
-        out = self._out
-        if out is None:
-            self._out = [wire]
-            self._queued = len(wire)
-            # what is queued counts against the bound, with what the
-            # transport already holds
-            self._room = self.factory.settings.max_send_buffer - self.unsent()
-            self.factory.flusher.mark(self)
-        else:
-            out.append(wire)
-            self._queued += len(wire)
-        if self._queued > self._room:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write what :meth:`push` queued, in one piece."""
-        out = self._out
-        if out is None:
-            return
-        self._out = None
-        transport: Any = self.transport
-        if transport is None or self.state == _WS.STATE_CLOSED:
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        if self._plain_tcp:  # try the kernel first (never under TLS: it would bypass encryption)
-            data = send_direct(transport, data)
-        if data:
-            transport.write(data)
-
-    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Every frame Autobahn writes (the handshake answer, replies, pings,
-        close) goes after the events already queued for this socket, and
-        straight to the kernel on bare TCP when nothing is waiting."""
-        if self._out is not None:
-            self.flush()
-        if self._plain_tcp and not sync and not chopsize:
-            data = send_direct(self.transport, data)
-            if not data:
-                return
-        super().sendData(data, sync, chopsize)
-
-    def _slow_consumer(self) -> None:
-        self.factory.stats.slow_consumer_closes += 1
-        log.info("slow consumer: closing socket of user {user_id} ({unsent} bytes unsent)",
-                 user_id=self.user_id, unsent=self.unsent())
-        self.close(CLOSE_TRY_AGAIN, "slow consumer")
-        # it does not read: the close frame would never get through
-        self.abort()
 
     # -- closing ------------------------------------------------------------
 

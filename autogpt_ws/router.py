@@ -2,9 +2,10 @@
 
 The router decides from the channel name alone whether anyone on this
 server could want a message; when nobody does it is counted and dropped
-without decoding its JSON.  Otherwise it opens the envelope once, checks the
-event against its channel, builds one frame per channel key (the event's
-bytes spliced in as they were published) and hands each to the hub.
+without decoding its JSON.  Otherwise a message over ``max_size`` bytes
+(``max_message_size_limit``) is dropped, and any other one opened once,
+checked against its channel, and made into one frame per channel key (the
+event's bytes spliced in as they were published) for the hub.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class Router:
     def __init__(self, hub: Hub, stats: Stats, layout: Layout,
                  observe_latency: Callable[[float], None] | None = None,
                  graph_events: GraphEventSink | None = None,
-                 timer: Callable[[], float] = time.perf_counter) -> None:
+                 timer: Callable[[], float] = time.perf_counter, max_size: int = 0) -> None:
         self.hub = hub
+        self.max_size = max_size or float("inf")  # 0: no limit
         self.stats = stats
         self.layout = layout
         self.graph_events = graph_events
@@ -133,6 +135,9 @@ class Router:
             stats.events_ignored += 1
             return
         stats.events_handled += 1
+        if len(data) > self.max_size:
+            self._drop("oversized", user_id)
+            return
         opened = self._open(data)
         if opened is None:
             return
@@ -161,6 +166,9 @@ class Router:
             self.stats.events_ignored += 1
             return
         self.stats.events_handled += 1
+        if len(data) > self.max_size:
+            self._drop("oversized", user_id)
+            return
         try:
             event, _inner, raw = wire.inner_payload(data)
         except ValueError:

@@ -56,7 +56,7 @@ class WebsocketServer(MultiService):
         self.metrics = Metrics(self.stats, lambda: self.hub.frames_out, self._bus_up,
                                (lambda: self.catchup.bytes if self.catchup else 0))
         self.router = Router(self.hub, self.stats, self.layout, self.metrics.fanout_latency.observe,
-                             graph_events=self.catchup)
+                             graph_events=self.catchup, max_size=settings.max_message_size_limit)
         self.verifier = verifier or verifier_for(settings, reactor)
         self.bus = bus or make_bus(settings, self.router, reactor, self.stats, self.hub)
         self.bus.setServiceParent(self)

@@ -125,13 +125,20 @@ def parse(payload: bytes) -> Request:
     return Request(method, obj.get("data"))
 
 
+# Longest graph or execution id a client may name, in UTF-8 bytes: upstream
+# ids are UUIDs (36); a socket's keys stay small.
+MAX_ID_BYTES = 128
+
+
 def _clean_id(value: Any) -> str:
     if not isinstance(value, str):
         raise FrameError(ERR_DATA_INVALID)
     try:
-        value.encode("utf-8")
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError:  # a lone surrogate could not be written back
         raise FrameError(ERR_DATA_INVALID) from None
+    if size > MAX_ID_BYTES:
+        raise FrameError(ERR_DATA_INVALID)
     return value
 
 

@@ -171,6 +171,17 @@ def token(sub: Any = "user-1", key: Any = SECRET, algorithm: str = "HS256", aud:
     return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
 
 
+def padded(event: dict[str, Any], size: int) -> dict[str, Any]:
+    """``event`` with a ``pad`` key making its published envelope exactly
+    ``size`` bytes."""
+    from autogpt_ws.publish import envelope
+
+    base = len(envelope({**event, "pad": ""}, max_size=size * 2))
+    event = {**event, "pad": "x" * (size - base)}
+    assert len(envelope(event, max_size=size * 2)) == size
+    return event
+
+
 # -- redis-server -------------------------------------------------------------
 
 
@@ -244,6 +255,7 @@ PYTHON = os.environ.get("AUTOGPT_WS_TEST_PYTHON") or __import__("sys").executabl
 
 import base64 as _b64  # noqa: E402
 import struct as _struct  # noqa: E402
+import zlib  # noqa: E402
 
 from twisted.internet.protocol import ClientFactory as _ClientFactory, Protocol as _Protocol  # noqa: E402
 
@@ -257,11 +269,13 @@ class HandshakeRefused(Exception):
         self.head = head
 
 
-def ws_client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True, mask: bytes | None = None) -> bytes:
-    """An RFC 6455 client frame (masked, as a client must)."""
+def ws_client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True, mask: bytes | None = None,
+                    rsv1: bool = False) -> bytes:
+    """An RFC 6455 client frame (masked, as a client must); ``rsv1`` marks
+    the first frame of a compressed message."""
     key = os.urandom(4) if mask is None else mask
     size = len(payload)
-    first = (0x80 if fin else 0) | opcode
+    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
     if size < 126:
         head = bytes((first, 0x80 | size))
     elif size < 65536:
@@ -272,6 +286,14 @@ def ws_client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True, mask: b
         repeated = (key * (size // 4 + 1))[:size]
         payload = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
     return head + key + payload
+
+
+def deflated(payload: bytes) -> bytes:
+    """``payload`` as one permessage-deflate message body (RFC 7692: raw
+    deflate, flushed, without the final 00 00 ff ff)."""
+    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return data[:-4]
 
 
 def raw_upgrade_request(path: str = "/ws", host: str = "127.0.0.1", headers: dict[str, str] | None = None) -> bytes:
@@ -289,12 +311,19 @@ class RawClient(Replies, _Protocol):
     ``opened`` fires with the client on 101 (errback HandshakeRefused
     otherwise), ``lost`` when the TCP connection is gone.  Text frames go to
     ``messages``; ``close_code``/``close_reason`` hold the server's close
-    frame, ``pings`` counts pings received."""
+    frame, ``pings`` and ``pongs`` count pings and pongs received,
+    ``lost_reason`` is why the connection ended.  With ``deflate`` it offers
+    permessage-deflate and inflates compressed messages."""
 
     def __init__(self, path: str = "/ws", headers: dict[str, str] | None = None,
-                 answer_pings: bool = True, answer_close: bool = True, keep_messages: bool = True) -> None:
+                 answer_pings: bool = True, answer_close: bool = True, keep_messages: bool = True,
+                 deflate: bool = False) -> None:
         self.path = path
         self.headers = headers
+        self.inflater: Any = None
+        if deflate:
+            self.headers = {**(headers or {}), "Sec-WebSocket-Extensions": "permessage-deflate"}
+            self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         self.answer_pings = answer_pings
         self.answer_close = answer_close
         self.keep_messages = keep_messages
@@ -304,6 +333,8 @@ class RawClient(Replies, _Protocol):
         self.messages: list[bytes] = []
         self.message_count = 0
         self.pings = 0
+        self.pongs = 0
+        self.lost_reason: Any = None
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.status: int | None = None
@@ -356,6 +387,8 @@ class RawClient(Replies, _Protocol):
                 break
             payload = buf[pos + head:pos + head + size]
             pos += head + size
+            if first & 0x40 and self.inflater is not None:  # the server never fragments
+                payload = self.inflater.decompress(payload + b"\x00\x00\xff\xff")
             self._frame(first & 0x80, first & 0x0F, payload)
         self._buffer = buf[pos:]
 
@@ -364,6 +397,8 @@ class RawClient(Replies, _Protocol):
             self.pings += 1
             if self.answer_pings:
                 self.send(payload, opcode=0xA)
+        elif opcode == 0xA:
+            self.pongs += 1
         elif opcode == 0x8:
             if self.close_code is None:
                 self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
@@ -394,6 +429,7 @@ class RawClient(Replies, _Protocol):
         for _, waiter in self._waiters:
             waiter.errback(ConnectionError("connection lost"))
         self._waiters = []
+        self.lost_reason = reason
         self.lost.callback(None)
 
     # actions

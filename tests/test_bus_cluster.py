@@ -33,8 +33,8 @@ from autogpt_ws.bus.executions import ExecutionResolver
 from autogpt_ws.bus.slots import key_slot
 from autogpt_ws.service import WebsocketServer
 from tests.helpers import (SECRET, U, AutogptDatabase, Client, ClusterPublisher, RedisCluster, SilentServer, free_port,
-                           make_cluster, make_database, redis_call, shared_fixture, sleep, start_server, token,
-                           wait_for)
+                           make_cluster, make_database, padded, redis_call, shared_fixture, sleep, start_server,
+                           token, wait_for)
 from tests.helpers import connect as ws_connect
 
 LAYOUT = Layout()
@@ -186,6 +186,25 @@ class RoutingTests(ClusterTestCase):
             self.assertEqual({g["channel"] for g in got}, {key})
             yield self.barrier(client)
             self.assertEqual(len(client.messages), 1 + len(events))
+
+
+    @inlineCallbacks
+    def test_max_message_size_limit_applied(self) -> None:
+        """Each sharded channel's message is held to max_message_size_limit:
+        at it delivered, one byte over dropped and counted."""
+        graph, over_exec, at_exec = uid("g"), uid("e"), uid("e")
+        server = yield self.serve(max_message_size_limit=2048)
+        client = yield self.client(server)
+        yield self.subscribe(server, client, "graph_id", graph)
+        over = padded(publish.graph_event(U, graph, over_exec, "RUNNING"), 2049)
+        at_limit = padded(publish.graph_event(U, graph, at_exec, "RUNNING"), 2048)
+        for event in (over, at_limit):
+            yield publish.publish_event(self.publisher, LAYOUT, event, sharded=True)
+        got = yield frame(client, 1)
+        self.assertEqual(got["data"], at_limit)
+        yield self.barrier(client)
+        self.assertEqual(len(client.messages), 2)
+        self.assertEqual(server.stats.events_dropped["oversized"], 1)
 
 
 class ConnectionTests(ClusterTestCase):

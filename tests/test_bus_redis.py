@@ -28,8 +28,8 @@ from autogpt_ws.router import Router
 from autogpt_ws.service import WebsocketServer
 from autogpt_ws.tap import build
 from tests.helpers import (
-    SECRET, U, RedisServer, SilentServer, connect, free_port, http_get, make_settings, redis_clients, redis_server,
-    start_server, token, wait_for,
+    SECRET, U, RedisServer, SilentServer, connect, free_port, http_get, make_settings, padded, redis_clients,
+    redis_server, start_server, token, wait_for,
 )
 
 LAYOUT = Layout()
@@ -213,6 +213,18 @@ class Routing(TestCase):
         yield self.pub.publish("execution_event/a/b/c/d", b"{}")  # matches the pattern, not the layout
         yield wait_for(lambda: server.stats.events_dropped["bad_channel"] == 1)
 
+    @inlineCallbacks
+    def test_max_message_size_limit_applied(self) -> Any:
+        server = yield ready_server(self, self.redis, max_message_size_limit=2048)
+        client = yield connect(server.port, token="t", test=self)
+        yield client.request(sub_exec("e"))
+        over = padded(publish.node_event(U, "g", "e", "n-over", "RUNNING"), 2049)
+        at_limit = padded(publish.node_event(U, "g", "e", "n-at", "RUNNING"), 2048)
+        yield publish.publish_event(self.pub, LAYOUT, over)
+        yield publish.publish_event(self.pub, LAYOUT, at_limit)
+        self.assertEqual((yield client.message(1)), pushed("node_execution_event", f"{U}|graph_exec#e", event_bytes(at_limit)))
+        self.assertEqual(server.stats.events_dropped["oversized"], 1)
+
 
 class Faults(TestCase):
     """Real outages of a real redis-server; the socket side keeps serving."""
@@ -294,6 +306,46 @@ class Faults(TestCase):
         self.assertEqual(logs.count("redis bus unavailable"), 1, logs.text())
         self.assertEqual(logs.count("redis bus connected and subscribed"), 2, logs.text())
         self.assertEqual(len(logs.operator_lines()), 4, logs.operator_lines())  # and nothing else
+
+    @inlineCallbacks
+    def test_cut_by_redis_for_its_output_buffer_limit(self) -> Any:
+        """A server that reads the bus slower than producers publish: Redis
+        buffers for it up to client-output-buffer-limit pubsub, then
+        closes the connection.  The bus logs the loss, reconnects and
+        resubscribes; /ready says 503 meanwhile; what Redis dropped is lost."""
+        logs = LogCapture(self)
+        redis = redis_server(self)
+        self.assertIn(b"+OK", redis.command("CONFIG", "SET", "client-output-buffer-limit", "pubsub 1mb 1mb 0"))
+        server = yield ready_server(self, redis)
+        pub = publisher_for(self, redis)
+        client = yield connect(server.port, token="t", test=self)
+        yield client.request(sub_exec("e"))
+        subscriber = server.bus._conn.transport
+        subscriber.pauseProducing()  # our side falls behind: it stops reading
+        pad = "y" * 100_000
+        published = 0
+        while redis_clients(redis):  # until Redis cuts its pubsub client (past the kernel's buffers)
+            self.assertLess(published, 300, "Redis never cut the subscriber")
+            yield publish.publish_event(pub, LAYOUT, publish.node_event(U, "g", "e", f"n{published}", "RUNNING",
+                                                                        output_data={"out": [pad]}))
+            published += 1
+        self.assertTrue(server.ready()[0])  # we have not noticed yet: nothing read
+        subscriber.resumeProducing()
+        yield wait_for(lambda: not server.ready()[0], timeout=10)
+        code, body = yield http_get(server.port, "/ready")
+        self.assertEqual(code, 503)
+        self.assertIn("lost its connection", json.loads(body)["reason"])
+        yield wait_for(lambda: server.ready()[0], timeout=10)
+        code, _ = yield http_get(server.port, "/ready")
+        self.assertEqual(code, 200)
+        self.assertEqual(server.stats.bus_reconnects, 1)
+        self.assertEqual(logs.count("redis bus lost connection"), 1, logs.text())
+        delivered = len(client.messages) - 1
+        self.assertLess(delivered, published)  # what Redis held for us when it cut us is lost
+        after = publish.node_event(U, "g", "e", "after", "RUNNING")
+        yield publish.publish_event(pub, LAYOUT, after)
+        self.assertEqual((yield client.message(delivered + 1)),
+                         pushed("node_execution_event", f"{U}|graph_exec#e", event_bytes(after)))
 
     @inlineCallbacks
     def test_connection_cut_mid_stream(self) -> Any:

@@ -93,8 +93,8 @@ class Model:
                   "unsubscribe": ("graph_exec_id", "graph_id")}[method]
         field = next((f for f in fields if f in data), None)
         ident = data.get(field) if field else None
-        if not isinstance(ident, str) or not _encodable(ident):
-            # an id that cannot be written back (a lone surrogate) is invalid too
+        if not isinstance(ident, str) or not _encodable(ident) or len(ident.encode("utf-8")) > 128:
+            # an id that cannot be written back (a lone surrogate) is invalid too, or over 128 bytes
             return error(INVALID)
         key = f"{self.user}|graph_exec#{ident}" if field == "graph_exec_id" else f"{self.user}|graph#{ident}|executions"
         if method == "unsubscribe":
@@ -131,7 +131,8 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=8,
 )
-ids = st.sampled_from(["e1", "e2", "e3", "e4", "e5", "", "é", "a|b", "\u2028"]) | st.text(max_size=6) | json_values
+ids = (st.sampled_from(["e1", "e2", "e3", "e4", "e5", "", "é", "a|b", "\u2028", "x" * 128, "x" * 129, "é" * 65])
+       | st.text(max_size=6) | json_values)
 data_values = (
     st.fixed_dictionaries({}, optional={"graph_exec_id": ids, "graph_id": ids, "x": json_values})
     | json_values

@@ -1,28 +1,37 @@
-"""Limits (issue 5, points 2 and 5): total and per-user connections,
-subscriptions per socket, the inbound rate, the open-handshake timeout, the
-inbound frame size, and the Origin policy of the upgrade.  Real loopback
-sockets throughout; the rate limit runs on an injected clock."""
+"""Limits (issue 5, points 2 and 5; issue 14): total and per-user
+connections, subscriptions per socket and the length of their ids, the
+inbound rate (every frame, control frames included), the open-handshake
+timeout, the inbound message size (after inflating, when compressed) and
+its frames, and the Origin policy of the upgrade.  Real loopback sockets
+throughout; the rate limit runs on an injected clock."""
 
 from __future__ import annotations
 
+import json
+import random
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from autogpt_ws import publish
 from autogpt_ws.limits import TokenBucket
 from tests.helpers import (
-    SECRET, U, HandshakeRefused, raw_connect, server_side, sleep, start_server, token,
+    SECRET, U, HandshakeRefused, RawClient, deflated, raw_connect, server_side, sleep, start_server, token,
+    wait_for, ws_client_frame,
 )
+from tests.test_hub import PendingResolver
 
 HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'
 PONG = b'{"method":"heartbeat","data":"pong","success":true}'
 LIMIT_REACHED = b'{"method":"error","data":null,"success":false,"channel":null,"error":"Subscription limit reached"}'
 RATE_LIMITED = b'{"method":"error","data":null,"success":false,"channel":null,"error":"Rate limit exceeded"}'
+INVALID_DATA = b'{"method":"error","data":null,"success":false,"channel":null,"error":"Invalid message data. Refer to the API schema"}'
 
 
 def subscribe(exec_id: str) -> str:
@@ -167,7 +176,7 @@ class RateLimit(TestCase):
         yield client.lost
         self.assertEqual((client.close_code, client.close_reason), (1008, "rate limit exceeded"))
         self.assertEqual(server.stats.rate_limited, 5)
-        self.assertEqual(server.stats.sockets_closed["1008"], 1)
+        yield wait_for(lambda: server.stats.sockets_closed["1008"] == 1)
 
     @inlineCallbacks
     def test_refused_frames_are_not_handled(self) -> None:
@@ -303,3 +312,221 @@ class Origins(TestCase):
         server = start_server(self, ws_allowed_origins=("null",))
         self.assertEqual((yield self.status(server.port, "null")), 101)
         self.assertEqual((yield self.status(server.port, "https://app.example.com")), 403)
+
+
+class SubscriptionIds(TestCase):
+    """Ids are bounded (upstream's are UUIDs): 128 bytes of UTF-8."""
+
+    @inlineCallbacks
+    def test_id_of_128_bytes_accepted_129_refused(self) -> None:
+        server = start_server(self)
+        client = yield raw_connect(server.port, test=self)
+        for ident in ("e" * 128, "é" * 64):  # 128 bytes either way
+            self.assertEqual((yield client.request(subscribe(ident))), subscribed(ident))
+        for ident in ("e" * 129, "é" * 64 + "e", "x" * 65000):
+            self.assertEqual((yield client.request(subscribe(ident))), INVALID_DATA)
+            graph = '{"method":"subscribe_graph_executions","data":{"graph_id":"%s"}}' % ident
+            self.assertEqual((yield client.request(graph)), INVALID_DATA)
+            gone = '{"method":"unsubscribe","data":{"graph_exec_id":"%s"}}' % ident
+            self.assertEqual((yield client.request(gone)), INVALID_DATA)
+        self.assertEqual(server_side(server, client).keys, {f"{U}|graph_exec#{e}" for e in ("e" * 128, "é" * 64)})
+
+
+def pieces(message: str, count: int) -> list[tuple[bytes, int, bool]]:
+    """``message`` as ``count`` frames: (payload, opcode, fin)."""
+    data = message.encode()
+    size = -(-len(data) // count)
+    parts = [data[i * size:(i + 1) * size] for i in range(count)]
+    return [(part, 0x1 if i == 0 else 0x0, i == count - 1) for i, part in enumerate(parts)]
+
+
+def send_frames(client: RawClient, frames: list[tuple[bytes, int, bool]]) -> None:
+    client.transport.write(b"".join(ws_client_frame(p, opcode, fin) for p, opcode, fin in frames))
+
+
+class Frames(TestCase):
+    """Frames, not only messages, are bounded: a message spans at most
+    max_message_frames frames, and each frame takes a token of the rate
+    limit (pings and empty continuation frames too)."""
+
+    @inlineCallbacks
+    def test_message_frames_bounded(self) -> None:
+        server = start_server(self, rate_limit=0, max_message_frames=4)
+        client = yield raw_connect(server.port, test=self)
+        send_frames(client, pieces(HEARTBEAT, 4))
+        self.assertEqual((yield client.message(0)), PONG)
+        send_frames(client, pieces(HEARTBEAT, 5))
+        yield client.lost
+        self.assertEqual(client.close_code, 1009)
+        self.assertIn("4 frames", client.close_reason or "")
+        self.assertEqual(client.messages, [PONG])
+
+    @inlineCallbacks
+    def test_endless_empty_continuation_frames(self) -> None:
+        """A message that never ends, in empty frames: closed at the frame
+        bound, and nothing after it is read (the connection ends)."""
+        server = start_server(self, rate_limit=0)
+        client = yield raw_connect(server.port, answer_close=False, test=self)
+        proto = server_side(server, client)
+        client.send(b'{"method":', fin=False)
+        empty = ws_client_frame(b"", opcode=0x0, fin=False)
+        for _ in range(50):
+            if client.lost.called:
+                break
+            client.transport.write(empty * 2000)
+            yield sleep(0.01)
+        yield wait_for(lambda: client.lost.called, timeout=10)
+        self.assertEqual(client.close_code, 1009)
+        self.assertEqual(proto.localCloseCode, 1009)
+        self.assertLessEqual(proto._continuations, server.settings.max_message_frames)
+
+    @inlineCallbacks
+    def test_continuation_frames_take_rate_tokens(self) -> None:
+        server = start_server(self, rate_limit=1.0, rate_burst=3, rate_abuse_close=5)
+        clock = Clock()
+        server.factory.clock = clock
+        client = yield raw_connect(server.port, test=self)
+        send_frames(client, pieces(HEARTBEAT, 3))  # 3 tokens
+        self.assertEqual((yield client.message(0)), PONG)
+        send_frames(client, pieces(HEARTBEAT, 2))  # none left: both frames refused
+        self.assertEqual((yield client.message(1)), RATE_LIMITED)
+        clock.advance(2.0)
+        send_frames(client, pieces(HEARTBEAT, 3))  # 2 tokens for 3 frames: the message is refused
+        self.assertEqual((yield client.message(2)), RATE_LIMITED)
+        self.assertEqual(server.stats.rate_limited, 3)
+        client.send(b'{"method":', fin=False)
+        client.transport.write(ws_client_frame(b"", opcode=0x0, fin=False) * 5)  # 6 refused in a row
+        yield client.lost
+        self.assertEqual((client.close_code, client.close_reason), (1008, "rate limit exceeded"))
+
+    @inlineCallbacks
+    def test_pings_take_rate_tokens(self) -> None:
+        """A ping over the rate gets no pong; pings over it in a row close
+        the socket like any other frame."""
+        server = start_server(self, rate_limit=2.0, rate_burst=3, rate_abuse_close=4)
+        clock = Clock()
+        server.factory.clock = clock
+        client = yield raw_connect(server.port, test=self)
+        for _ in range(4):
+            client.send(b"p", opcode=0x9)
+        yield wait_for(lambda: server.stats.rate_limited == 1)
+        clock.advance(0.5)  # one token back
+        self.assertEqual((yield client.request(HEARTBEAT)), PONG)  # answered after the pings
+        self.assertEqual(client.pongs, 3)
+        for _ in range(4):
+            client.send(b"p", opcode=0x9)
+        yield client.lost
+        self.assertEqual((client.close_code, client.close_reason), (1008, "rate limit exceeded"))
+        self.assertEqual(client.pongs, 3)
+
+
+DEFLATE_LIMIT = 65536
+
+
+def compressed(payload: bytes) -> bytes:
+    return ws_client_frame(deflated(payload), rsv1=True)
+
+
+def awkward(size: int) -> bytes:
+    """Text that zlib compresses so that its last bytes come out of a
+    back-reference whose codes end in the last input byte: inflating it
+    ``size - 1``..``size - 8`` bytes at most consumes all input and leaves
+    output pending (with this seed; found by search)."""
+    rng = random.Random(139)
+    pattern = bytes(rng.choice(range(0x21, 0x7F)) for _ in range(rng.randint(1, 300)))
+    return (pattern * (size // len(pattern) + 1))[:size]
+
+
+class CompressedMessages(TestCase):
+    """permessage-deflate: the size limit applies after inflating, to the
+    byte, and a message is never inflated more than one byte past it."""
+
+    @inlineCallbacks
+    def connect(self, server: Any, **kwargs: Any) -> Any:
+        client = yield raw_connect(server.port, deflate=True, test=self, **kwargs)
+        self.assertIsNotNone(server_side(server, client)._perMessageCompress)
+        return client
+
+    @inlineCallbacks
+    def test_exactly_the_limit_after_inflating(self) -> None:
+        server = start_server(self, rate_limit=0)
+        self.assertEqual(server.settings.max_inbound_frame, DEFLATE_LIMIT)
+        client = yield self.connect(server)
+        exact = HEARTBEAT.encode() + b" " * (DEFLATE_LIMIT - len(HEARTBEAT))
+        client.transport.write(compressed(exact))
+        self.assertEqual((yield client.message(0)), PONG)
+        # and in several frames, each split across writes
+        body = deflated(exact)
+        third = len(body) // 3
+        frames = (ws_client_frame(body[:third], fin=False, rsv1=True) + ws_client_frame(body[third:2 * third], 0x0, False)
+                  + ws_client_frame(body[2 * third:], 0x0))
+        for start in range(0, len(frames), 7):
+            client.transport.write(frames[start:start + 7])
+        self.assertEqual((yield client.message(1)), PONG)
+
+    @inlineCallbacks
+    def test_one_to_eight_bytes_over_are_refused(self) -> None:
+        server = start_server(self, rate_limit=0)
+        for size in range(DEFLATE_LIMIT + 1, DEFLATE_LIMIT + 9):
+            client = yield self.connect(server)
+            client.transport.write(compressed(awkward(size)))
+            yield wait_for(lambda: client.lost.called or client.messages, timeout=10)
+            self.assertEqual((client.close_code, client.messages), (1009, []), size)
+            self.assertIn(f"exceeds payload limit of {DEFLATE_LIMIT}", client.close_reason or "")
+
+    @inlineCallbacks
+    def test_bomb_cut_at_once(self) -> None:
+        """60 MiB in a 60 KiB frame: inflated no further than the limit,
+        closed 1009, nothing more read, and the connection ends at once,
+        without waiting for the client to answer the close."""
+        server = start_server(self, rate_limit=0)
+        client = yield self.connect(server, answer_close=False)
+        proto = server_side(server, client)
+        bomb = compressed(b" " * (60 * 1024 * 1024))
+        self.assertLess(len(bomb), DEFLATE_LIMIT)
+        client.transport.write(bomb)
+        client.transport.write(b"\x00" * (1024 * 1024))  # and it goes on sending
+        yield client.lost
+        self.assertEqual(client.close_code, 1009)
+        self.assertLessEqual(proto._perMessageCompress._decompress_message_size, DEFLATE_LIMIT + 1)
+        self.assertLess(len(proto.data), 65536)  # what it sent after was not kept
+        self.assertIsInstance(client.lost_reason.value, ConnectionDone)  # our FIN, not the abort of a timeout
+
+    @inlineCallbacks
+    def test_large_event_to_a_compressing_socket(self) -> None:
+        """The inbound limit is not applied to what the server sends: an
+        event that stays over 64 KiB compressed reaches a compressing
+        socket (Autobahn's option would refuse to send it)."""
+        server = start_server(self)
+        client = yield self.connect(server)
+        client.send(subscribe("e1"))  # answered compressed
+        self.assertEqual((yield client.message(0)), subscribed("e1"))
+        noise = random.Random(5).randbytes(100_000).hex()  # ~100 KB deflated
+        event = publish.node_event(U, "g1", "e1", "ne1", "RUNNING", output_data={"out": [noise]})
+        yield server.bus.publish(server.layout.classic_exec(U, "g1", "e1"), publish.envelope(event))
+        pushed = yield client.message(1)
+        self.assertEqual(json.loads(pushed)["data"]["output_data"], {"out": [noise]})
+
+
+class WaitingHandler(TestCase):
+    """While a frame's handler waits (an execution lookup on the sharded
+    bus), the socket's next frames wait in the client's TCP buffers: the
+    server holds at most what it had read."""
+
+    @inlineCallbacks
+    def test_frames_wait_in_the_client_while_a_lookup_runs(self) -> None:
+        server = start_server(self, rate_limit=0)
+        resolver = PendingResolver()
+        server.factory.resolver = resolver
+        client = yield raw_connect(server.port, test=self)
+        proto = server_side(server, client)
+        client.send(subscribe("e1"))
+        yield wait_for(lambda: resolver.pending)
+        count = 20_000  # 1.4 MB of heartbeats
+        client.transport.write(ws_client_frame(HEARTBEAT.encode()) * count)
+        yield sleep(0.5)
+        self.assertLessEqual(len(proto._inbox or ()) * len(HEARTBEAT), 2 * 65536)
+        resolver.pending[0].callback(True)
+        yield wait_for(lambda: len(client.messages) == 1 + count, timeout=30)
+        self.assertEqual(client.messages[0], subscribed("e1"))
+        self.assertEqual(set(client.messages[1:]), {PONG})

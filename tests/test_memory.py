@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
+from autogpt_ws.factory import deflate_bound
 from autogpt_ws.protocol import HANDSHAKE_ONLY, SendQueue
 from tests.helpers import connect, sleep, start_server, wait_for
 
@@ -24,7 +25,7 @@ class IdleSocketState(TestCase):
         for name in HANDSHAKE_ONLY + tuple(proto.CONFIG_ATTRS):
             self.assertNotIn(name, held)
         # the options still apply, from the class
-        self.assertEqual(proto.maxMessagePayloadSize, 1024)
+        self.assertEqual(proto.maxFramePayloadSize, deflate_bound(1024))
         self.assertIsInstance(proto.send_queue, SendQueue)
         # and the socket still works after the handshake state is gone
         reply = yield client.request('{"method":"heartbeat","data":"ping","success":true}')

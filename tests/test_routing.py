@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from autogpt_ws import publish
 from autogpt_ws.service import WebsocketServer
-from tests.helpers import SECRET, U, Client, connect, start_server, token, wait_for
+from tests.helpers import SECRET, U, Client, connect, padded, start_server, token, wait_for
 
 PING = b'{"method":"heartbeat","data":"ping","success":true}'
 PONG = b'{"method":"heartbeat","data":"pong","success":true}'
@@ -300,6 +300,33 @@ class Routing(TestCase):
         (got,) = yield self.pushed(client)
         self.assertEqual(got, [])
         self.assertEqual(server.stats.events_forwarded, 0)
+
+    @inlineCallbacks
+    def test_max_message_size_limit_applied(self) -> Any:
+        """An envelope up to max_message_size_limit is delivered; one byte
+        more is dropped, counted, never decoded."""
+        server = self.server(max_message_size_limit=2048)
+        client = yield self.client(server, ("exec", "e1"))
+        channel = self.exec_channel(server, U, "g1", "e1")
+        at_limit = publish.envelope(padded(publish.node_event(U, "g1", "e1", "ne1", "RUNNING"), 2048))
+        over = publish.envelope(padded(publish.node_event(U, "g1", "e1", "ne2", "RUNNING"), 2049))
+        yield server.bus.publish(channel, over)
+        yield server.bus.publish(channel, at_limit)
+        note = publish.envelope(padded(publish.notification(U, "agent_run", "done"), 2049))
+        yield server.bus.publish(server.layout.notification(U), note)
+        (got,) = yield self.pushed(client)
+        self.assertEqual([json.loads(m)["data"]["node_exec_id"] for m in got], ["ne1"])
+        self.assertEqual(server.stats.events_dropped["oversized"], 2)
+
+    @inlineCallbacks
+    def test_default_limit_16_mib(self) -> Any:
+        server = self.server()
+        client = yield self.client(server, ("exec", "e1"))
+        event = padded(publish.node_event(U, "g1", "e1", "ne1", "RUNNING"), 16 * 1024 * 1024 + 1)
+        yield server.bus.publish(self.exec_channel(server, U, "g1", "e1"), publish.envelope(event, max_size=32 << 20))
+        (got,) = yield self.pushed(client)
+        self.assertEqual(got, [])
+        self.assertEqual(server.stats.events_dropped["oversized"], 1)
 
     @inlineCallbacks
     def test_nobody_subscribed_is_ignored_not_dropped(self) -> Any:
