@@ -25,7 +25,7 @@ from tests.helpers import (
     SECRET, U, HandshakeRefused, RawClient, deflated, raw_connect, server_side, sleep, start_server, token,
     wait_for, ws_client_frame,
 )
-from tests.test_hub import PendingResolver
+from tests.test_hub import PendingGate
 
 HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'
 PONG = b'{"method":"heartbeat","data":"pong","success":true}'
@@ -516,8 +516,8 @@ class WaitingHandler(TestCase):
     @inlineCallbacks
     def test_frames_wait_in_the_client_while_a_lookup_runs(self) -> None:
         server = start_server(self, rate_limit=0)
-        resolver = PendingResolver()
-        server.factory.resolver = resolver
+        resolver = PendingGate()
+        server.factory.gate = lambda: resolver
         client = yield raw_connect(server.port, test=self)
         proto = server_side(server, client)
         client.send(subscribe("e1"))
