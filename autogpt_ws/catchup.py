@@ -126,15 +126,40 @@ class LatestEvents:
 
     # -- writing (from the router, before the event is delivered) ----------------
 
-    def record(self, user_id: str, graph_id: str, graph_exec_id: str, status: str, event: bytes) -> None:
+    def record(self, user_id: str, graph_id: str, graph_exec_id: str, status: str, event: bytes) -> bool:
         """Keep ``event`` as the latest of its execution. ``status`` is the
-        event's ``status`` ("" when it has none)."""
+        event's ``status`` ("" when it has none).  True when it is news: not
+        the bytes already held (a graph event comes twice on the sharded bus
+        to a server holding both of its channels)."""
         key = (user_id, graph_exec_id)
-        now = self._time()
+        held = self._entries.get(key)
+        news = held is None or held.event != event
+        self._put(key, graph_id, status, event, self._time(), None)
+        return news
+
+    def restore(self, user_id: str, graph_id: str, graph_exec_id: str, status: str, event: bytes,
+                final_at: float | None) -> None:
+        """Keep ``event``, read back from the store, as the latest of its
+        execution; ``final_at`` is when the store says it was written (the
+        end of a run that is over)."""
+        self._put((user_id, graph_exec_id), graph_id, status, event, self._time(), final_at)
+
+    def updated_at(self, user_id: str, graph_exec_id: str) -> float | None:
+        """When this server last recorded (or restored) the execution."""
+        entry = self._entries.get((user_id, graph_exec_id))
+        return entry.updated_at if entry is not None else None
+
+    def _put(self, key: tuple[str, str], graph_id: str, status: str, event: bytes, now: float,
+             final_at: float | None) -> None:
+        user_id, graph_exec_id = key
         old = self._entries.pop(key, None)
-        final_at: float | None = None
         if status in FINAL:
-            final_at = old.final_at if old is not None and old.final_at is not None else now
+            if old is not None and old.final_at is not None:
+                final_at = old.final_at
+            elif final_at is None:
+                final_at = now
+        else:
+            final_at = None
         if old is not None:
             self._forget(key, old)
         gkey = (user_id, graph_id)

@@ -271,6 +271,17 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("catchup_max_age", "float", 3600.0, "CATCHUP_MAX_AGE", "seconds an execution's latest event is kept", minimum=0),
         _f("catchup_recent_final", "float", 300.0, "CATCHUP_RECENT_FINAL", "graph-wide catch-up includes runs that ended this recently (s)", minimum=0),
         _f("catchup_graph_limit", "int", 50, "CATCHUP_GRAPH_LIMIT", "most events replayed on a graph-wide subscribe", minimum=0),
+        _f("catchup_linger", "float", 30.0, "CATCHUP_LINGER",
+           "redis-cluster: keep an execution's channels subscribed this long after their last socket left, "
+           "recording what a reconnecting browser missed (s; 0: off)", minimum=0),
+        _f("catchup_store", "bool", True, "CATCHUP_STORE",
+           "redis-cluster: keep the latest graph event of each execution subscribed here in the cluster itself "
+           "(a key in its channels' slot, TTL catchup_max_age), for other servers and restarts"),
+        _f("catchup_store_max_event", "size", 1 * MiB, "CATCHUP_STORE_MAX_EVENT",
+           "redis-cluster: largest graph event written to the store (larger: kept here only, counted)", minimum=0),
+        _f("catchup_handover", "float", 3.0, "CATCHUP_HANDOVER",
+           "redis-cluster: on a graceful stop, keep recording up to this long until another server holds each "
+           "channel (a rolling restart loses nothing; s, within shutdown_timeout; 0: off)", minimum=0),
     )),
 )
 
@@ -369,6 +380,10 @@ class Settings:
     catchup_max_age: float
     catchup_recent_final: float
     catchup_graph_limit: int
+    catchup_linger: float
+    catchup_store: bool
+    catchup_store_max_event: int
+    catchup_handover: float
 
     @property
     def endpoint(self) -> str:

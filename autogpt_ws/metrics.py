@@ -54,6 +54,11 @@ class Stats:
         self.catchup_hits = 0
         self.catchup_misses = 0
         self.catchup_evictions = 0
+        self.catchup_store_writes = 0  # graph events written to the cluster store
+        self.catchup_store_reads = 0  # store reads made for a subscribe
+        self.catchup_store_commands = 0  # Redis commands those took
+        self.catchup_store_errors = 0  # store writes and reads that failed (the replay fell back on this server)
+        self.catchup_store_skipped = 0  # events over catchup_store_max_event, not written
         self.handler_errors = 0
 
     @property
@@ -102,6 +107,11 @@ class StatsCollector(Collector):
         yield CounterMetricFamily("autogpt_ws_catchup_misses", "Subscribes with no cached event", value=s.catchup_misses)
         yield CounterMetricFamily("autogpt_ws_catchup_evictions", "Cached executions evicted (bytes or age)", value=s.catchup_evictions)
         yield GaugeMetricFamily("autogpt_ws_catchup_bytes", "Bytes of events held for catch-up", value=self._catchup_bytes())
+        yield CounterMetricFamily("autogpt_ws_catchup_store_writes", "Graph events written to the cluster's catch-up store", value=s.catchup_store_writes)
+        yield CounterMetricFamily("autogpt_ws_catchup_store_reads", "Catch-up store reads made for a subscribe", value=s.catchup_store_reads)
+        yield CounterMetricFamily("autogpt_ws_catchup_store_commands", "Redis commands sent to the catch-up store", value=s.catchup_store_commands)
+        yield CounterMetricFamily("autogpt_ws_catchup_store_errors", "Catch-up store writes and reads that failed", value=s.catchup_store_errors)
+        yield CounterMetricFamily("autogpt_ws_catchup_store_skipped", "Graph events too large for the catch-up store", value=s.catchup_store_skipped)
 
 
 class Metrics:

@@ -40,7 +40,7 @@ _TAIL, _HEAD = len(NODE_TAIL), len(NODE_HEAD)
 class GraphEventSink(Protocol):
     """Where graph events go besides sockets (the catch-up cache)."""
 
-    def record(self, user_id: str, graph_id: str, graph_exec_id: str, status: str, event: bytes) -> None: ...
+    def record(self, user_id: str, graph_id: str, graph_exec_id: str, status: str, event: bytes) -> object: ...
 
 
 class Router:
@@ -131,7 +131,10 @@ class Router:
             else:
                 graph_key = None
         wanted = (exec_key is not None and hub.wants(exec_key)) or (graph_key is not None and hub.wants(graph_key))
-        if not wanted and (self.graph_events is None or sharded or GRAPH_MARK not in data):
+        # a graph event nobody here holds still goes to the catch-up cache
+        # (classic bus: every event; sharded: a channel kept a while after
+        # its last socket left, or one a subscribe is waiting on)
+        if not wanted and (self.graph_events is None or GRAPH_MARK not in data):
             stats.events_ignored += 1
             return
         stats.events_handled += 1
@@ -146,10 +149,13 @@ class Router:
         if kind == wire.GRAPH_UPDATE:
             if not self._matches(event, where, ("user_id", "graph_id", "id")):
                 return
-            if self.graph_events is not None and not sharded:
+            if self.graph_events is not None:
+                run = where.graph_exec_id or event.get("id")  # a graph's /all channel names no run
+                if not isinstance(run, str) or not run:
+                    self._drop("malformed", user_id)
+                    return
                 status = event.get("status")
-                self.graph_events.record(user_id, where.graph_id, where.graph_exec_id,
-                                         status if isinstance(status, str) else "", raw)
+                self.graph_events.record(user_id, where.graph_id, run, status if isinstance(status, str) else "", raw)
             keys = (exec_key, graph_key)
         elif kind == wire.NODE_UPDATE:
             if not self._matches(event, where, ("user_id", "graph_id", "graph_exec_id")):

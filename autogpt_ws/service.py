@@ -151,6 +151,10 @@ class WebsocketServer(MultiService):
             yield maybeDeferred(self.listener.stopService)
         yield self.factory.close_all(self.settings.shutdown_timeout)
         self.factory.flusher.flush_all()  # no write left queued, no call left pending
+        hand_over = getattr(self.bus, "hand_over", None)  # the cluster bus: a rolling restart loses nothing
+        if hand_over is not None and self.settings.catchup_handover > 0:
+            left = self.settings.shutdown_timeout - (self.reactor.seconds() - started)
+            yield maybeDeferred(hand_over, min(self.settings.catchup_handover, max(0.0, left)))
         for child in reversed(list(self)):
             if child is not self.listener and child.running:
                 try:

@@ -41,6 +41,14 @@ class SubscriptionGate(Protocol):
     def graph_refusal(self, user_id: str, graph_id: str) -> str | None:
         """The error text refusing a graph subscription, or None."""
 
+    def settle(self, key: str) -> Deferred[list[wire.OutFrame]]:
+        """Hold ``key`` on the bus until it is in effect there; fires with
+        the frames to replay after the reply."""
+
+    def release(self, key: str) -> None:
+        """Let go of what :meth:`settle` held (the socket holds the key now,
+        or gave up)."""
+
 
 class Session:
     def __init__(self, sink: Sink, hub: Hub, stats: Stats, send: Callable[[bytes], None],
@@ -94,27 +102,45 @@ class Session:
             self.send(wire.error(wire.ERR_SUBSCRIPTION_LIMIT))
             return None
         gate = self.gate()  # the bus's, asked each time: an auto bus learns its kind after start
-        if gate is not None:
-            if method == wire.SUBSCRIBE_EXEC:
-                d = gate.execution(user_id, ident)
-                d.addCallbacks(self._resolved, self._lookup_failed, callbackArgs=(method, ident, key),
-                               errbackArgs=(ident,))
-                return d
-            refusal = gate.graph_refusal(user_id, ident)
-            if refusal is not None:
-                self.send(wire.error(refusal))
-                return None
-        self._subscribed(method, ident, key)
-        return None
+        if gate is None:  # every event reaches this server: in effect at once
+            self._subscribed(method, key, self._cached(method, ident, key))
+            return None
+        if method == wire.SUBSCRIBE_EXEC:
+            d = gate.execution(user_id, ident)
+            d.addCallbacks(self._resolved, self._lookup_failed, callbackArgs=(gate, method, ident, key),
+                           errbackArgs=(ident,))
+            return d
+        refusal = gate.graph_refusal(user_id, ident)
+        if refusal is not None:
+            self.send(wire.error(refusal))
+            return None
+        return self._settle(gate, method, key)
 
-    def _resolved(self, found: bool, method: str, ident: str, key: str) -> None:
+    def _resolved(self, found: bool, gate: SubscriptionGate, method: str, ident: str,
+                  key: str) -> Deferred[None] | None:
         if not self.hub.attached(self.sink):
-            return  # the socket closed during the lookup: subscribing now would leak the key
+            return None  # the socket closed during the lookup
         if found:
-            self._subscribed(method, ident, key)
-        elif self.not_found_reply:
+            return self._settle(gate, method, key)
+        if self.not_found_reply:
             self.send(wire.error(wire.err_execution_not_found(ident, self.sink.user_id)))
-        # else: no reply (the setting's silent variant)
+        return None  # else: no reply (the setting's silent variant)
+
+    def _settle(self, gate: SubscriptionGate, method: str, key: str) -> Deferred[None]:
+        """The sharded bus: reply once the key's channel is in effect on its
+        shard, with the replay known (from this server, or the store)."""
+
+        def settled(frames: list[wire.OutFrame] | Failure) -> None:
+            try:
+                if isinstance(frames, Failure):  # a bug: answer all the same, without a replay
+                    log.failure("settling {key} failed", frames, key=key)
+                    frames = []
+                if self.hub.attached(self.sink):  # else the socket closed meanwhile: nothing to leak
+                    self._subscribed(method, key, frames)
+            finally:
+                gate.release(key)
+
+        return gate.settle(key).addBoth(settled)
 
     def _lookup_failed(self, failure: Failure, ident: str) -> None:
         """The database is down or slow: an error reply, never silence."""
@@ -124,16 +150,20 @@ class Session:
         if self.hub.attached(self.sink):
             self.send(wire.error(wire.err_lookup_failed(ident, self.sink.user_id)))
 
-    def _subscribed(self, method: str, ident: str, key: str) -> None:
-        self.hub.subscribe(self.sink, key)
-        self.send(wire.subscribed(method, key))
-        if self.catchup is None:
-            return
+    def _cached(self, method: str, ident: str, key: str) -> list[wire.OutFrame]:
+        catchup = self.catchup
+        if catchup is None:
+            return []
         user_id = self.sink.user_id
         if method == wire.SUBSCRIBE_EXEC:
-            frames = self.catchup.for_execution(user_id, ident, key)
-        else:
-            frames = self.catchup.for_graph(user_id, ident, key)
+            return catchup.for_execution(user_id, ident, key)
+        return catchup.for_graph(user_id, ident, key)
+
+    def _subscribed(self, method: str, key: str, frames: list[wire.OutFrame]) -> None:
+        """Join the hub, reply, and replay, in one call: nothing live can
+        come between them."""
+        self.hub.subscribe(self.sink, key)
+        self.send(wire.subscribed(method, key))
         for frame in frames:
             self.sink.push(frame)
         self.hub.frames_out += len(frames)

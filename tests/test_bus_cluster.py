@@ -253,7 +253,7 @@ class ConnectionTests(ClusterTestCase):
     @inlineCallbacks
     def test_refcounted_unsubscribe(self) -> None:
         db = self.database()
-        server = yield self.serve(db, enable_auth=True, jwt_verify_key=SECRET)
+        server = yield self.serve(db, enable_auth=True, jwt_verify_key=SECRET, catchup_linger=0)
         user, graph, execution = uid("user"), uid("g"), uid("e")
         db.add(execution, graph, user)
         channels = {LAYOUT.sharded_all(user, graph), LAYOUT.sharded_exec(user, graph, execution)}

@@ -4,7 +4,9 @@ subscribing a socket the hub has already forgotten."""
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import TestCase
 
 from autogpt_ws import wire
@@ -210,6 +212,12 @@ class PendingGate:
 
     def graph_refusal(self, user_id: str, graph_id: str) -> str | None:
         return None
+
+    def settle(self, key: str) -> Deferred[list[Any]]:
+        return succeed([])
+
+    def release(self, key: str) -> None:
+        pass
 
 
 class SessionCleanupTests(TestCase):

@@ -50,10 +50,14 @@ from zope.interface import implementer
 from ..config import Settings, redis_seed
 from ..hub import Hub
 from ..metrics import Stats
-from .. import wire
+from ..catchup import LatestEvents
 from ..router import Router
 from . import IEventBus
 from .executions import ExecutionResolver, describe_url
+from .gate import ClusterGate
+from .redis_client import RedisAddress
+from .replay import ClusterCatchup
+from .store import LatestStore
 from .resp import RedisProtocol, connect, handshake
 from .shard import ConnectOptions, ShardLink, backoff, closed
 from .slots import Address, Remap, SlotMap, address_remap, format_address, key_slot, parse_address
@@ -86,6 +90,7 @@ class ClusterBus(Service):
                  rng: Callable[[], float] = random.random) -> None:
         self.router = router
         self.layout = router.layout
+        self._notifications = self.layout.notif_bus + "/"
         self.reactor = reactor
         self.stats = stats
         self.hub = hub
@@ -94,6 +99,17 @@ class ClusterBus(Service):
         self.settings = settings
         self.options = ConnectOptions.from_settings(settings)
         self.resolver = resolver or ExecutionResolver(settings.database_url, reactor, timeout=settings.database_timeout)
+        # catch-up: the server's cache (router.graph_events), the store in the
+        # cluster, channels kept a while after their last socket left
+        local = router.graph_events if isinstance(router.graph_events, LatestEvents) else None
+        self.store = LatestStore(self._store_route, RedisAddress.from_settings(settings), reactor, stats,
+                                 ttl=settings.catchup_max_age, graph_limit=settings.catchup_graph_limit,
+                                 max_event=settings.catchup_store_max_event, timeout=self.options.timeout,
+                                 moved=lambda address: self.request_refresh(self.remap(address))
+                                 ) if local is not None and settings.catchup_store else None
+        self.catchup = ClusterCatchup(local, self.store, self.layout, stats) if local is not None else None
+        self.linger = settings.catchup_linger if local is not None else 0.0
+        self.gate = ClusterGate(self, self.resolver, self.catchup, self.options.timeout)
         self.database = describe_url(settings.database_url)
         self.refresh_interval = refresh_interval
         self.ping_interval = ping_interval
@@ -119,7 +135,7 @@ class ClusterBus(Service):
         self._control_attempt: Deferred[RedisProtocol] | None = None
         self._last_error = "discovering the cluster"
         self._publisher: Any = None  # made on demand (the demo executor), closed on stop
-        self.gate = self  # the session's SubscriptionGate
+        self._lingering: dict[str, Any] = {}  # channel -> the call that drops it
 
     # -- IEventBus ----------------------------------------------------------------
 
@@ -153,14 +169,9 @@ class ClusterBus(Service):
             self._publisher = ClusterPublisher.from_settings(self.settings, self.reactor)
         return self._publisher, True
 
-    # -- SubscriptionGate (the session asks before answering a subscribe) -------------
-
-    def execution(self, user_id: str, graph_exec_id: str) -> Deferred[bool]:
-        return self.resolver.resolve(user_id, graph_exec_id)
-
-    def graph_refusal(self, user_id: str, graph_id: str) -> str | None:
-        channel = self.layout.sharded_all(user_id, graph_id)
-        return wire.err_wildcard(channel) if "*" in channel else None
+    def hand_over(self, timeout: float) -> Deferred[Any]:
+        """On a graceful stop, once the sockets are closed: see ClusterGate."""
+        return self.gate.hand_over(timeout)
 
     def startService(self) -> None:
         super().startService()
@@ -170,6 +181,8 @@ class ClusterBus(Service):
         if not self.resolver.database_url:
             log.warn("DATABASE_URL is not set: subscribe_graph_execution cannot be resolved on redis-cluster")
         self.resolver.start()
+        if self.catchup is not None:
+            self.router.graph_events = self.catchup  # graph events also go to the store
         self.hub.watch(self)
         for user_id in tuple(self.hub.users()):
             self.user_added(user_id)
@@ -180,6 +193,13 @@ class ClusterBus(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         self.hub.unwatch(self)
+        if self.catchup is not None:
+            self.router.graph_events = self.catchup.local
+        for call in self._lingering.values():
+            if call.active():
+                call.cancel()
+        self._lingering.clear()
+        self.gate.stop()
         if self._refresh_call is not None and self._refresh_call.active():
             self._refresh_call.cancel()
         waits = [link.stop() for link in self.links.values()] + self._closing
@@ -196,6 +216,8 @@ class ClusterBus(Service):
         if self._publisher is not None:
             waits.append(self._publisher.close())
             self._publisher = None
+        if self.store is not None:
+            waits.append(self.store.close())
         d = gatherResults(waits, consumeErrors=True)
         d.addBoth(lambda _: self.resolver.stop())
         return d
@@ -218,7 +240,7 @@ class ClusterBus(Service):
             self._resolve_key(key)
             return
         self._key_channel[key] = channel
-        self._want(channel)
+        self.want(channel)
 
     def _resolve_key(self, key: str) -> None:
         """An execution key whose graph is not known yet: subscribed before
@@ -245,25 +267,38 @@ class ClusterBus(Service):
     def key_removed(self, key: str) -> None:
         channel = self._key_channel.pop(key, None)
         if channel is not None:
-            self._unwant(channel)
+            self.unwant(channel)
 
     def user_added(self, user_id: str) -> None:
-        self._want(self.layout.notification(user_id))
+        self.want(self.layout.notification(user_id))
 
     def user_removed(self, user_id: str) -> None:
-        self._unwant(self.layout.notification(user_id))
+        self.unwant(self.layout.notification(user_id))
 
-    def _want(self, channel: str) -> None:
+    # -- channels: wanted (counted), lingering, placed on a shard's link ------------------
+
+    def want(self, channel: str) -> None:
         self._wanted[channel] += 1
-        if self._wanted[channel] == 1:
+        lingering = self._lingering.pop(channel, None)
+        if lingering is not None:
+            lingering.cancel()  # still subscribed: nothing to do, nothing missed
+        elif self._wanted[channel] == 1:
             self._slot[channel] = key_slot(channel)
             self._place(channel)
 
-    def _unwant(self, channel: str) -> None:
+    def unwant(self, channel: str) -> None:
         left = self._wanted[channel] - 1
+        self._wanted[channel] = left
         if left > 0:
-            self._wanted[channel] = left
             return
+        if self.linger > 0 and self.running and not channel.startswith(self._notifications):
+            # keep it (and recording its graph events) while its browser reconnects
+            self._lingering[channel] = self.reactor.callLater(self.linger, self._drop, channel)
+        else:
+            self._drop(channel)
+
+    def _drop(self, channel: str) -> None:
+        self._lingering.pop(channel, None)
         del self._wanted[channel]
         del self._slot[channel]
         self._unplaced.discard(channel)
@@ -271,6 +306,24 @@ class ClusterBus(Service):
         link = self.links.get(address) if address is not None else None
         if link is not None:
             link.remove(channel)
+        self.gate.channel_gone(channel)
+
+    def confirmed(self, channel: str) -> bool:
+        """Whether the channel's shard has confirmed its subscription."""
+        address = self._placed.get(channel)
+        link = self.links.get(address) if address is not None else None
+        return link is not None and channel in link.acked
+
+    def placed(self, channel: str) -> Address | None:
+        return self._placed.get(channel)
+
+    def recording(self) -> list[str]:
+        """The execution channels held here (wanted or lingering)."""
+        return [c for c in self._placed if not c.startswith(self._notifications)]
+
+    def _store_route(self, slot: int) -> Address:
+        owner = self.slots.owner(slot) if self.slots is not None else None
+        return owner if owner is not None else self.seeds[0]
 
     # -- placement ------------------------------------------------------------------
 
@@ -293,6 +346,7 @@ class ClusterBus(Service):
             del self._placed[channel]
             if current in self.links:
                 self.links[current].remove(channel)
+            self.gate.channel_gone(channel)
         if owner is None:
             self._unplaced.add(channel)
             return
@@ -326,7 +380,12 @@ class ClusterBus(Service):
     def deliver(self, channel: str, data: bytes) -> None:
         self.router.sharded(channel, data)
 
+    def channel_confirmed(self, link: ShardLink, channel: str) -> None:
+        if self._placed.get(channel) == link.address:
+            self.gate.channel_confirmed(channel)
+
     def channel_lost(self, link: ShardLink, channel: str, moved: tuple[int, Address] | None) -> None:
+        self.gate.channel_gone(channel)
         if self._placed.get(channel) == link.address:
             del self._placed[channel]
         if channel not in self._wanted:
@@ -348,6 +407,8 @@ class ClusterBus(Service):
             self.request_refresh(moved[1] if moved is not None else link.address)
 
     def link_down(self, link: ShardLink) -> None:
+        for channel in link.channels:
+            self.gate.channel_gone(channel)
         self.request_refresh()
 
     # -- slot map -----------------------------------------------------------------

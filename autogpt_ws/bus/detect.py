@@ -83,6 +83,10 @@ class AutoBus(MultiService):
     def producer(self) -> tuple[Any, bool] | None:
         return self.inner.producer() if self.inner is not None else None
 
+    def hand_over(self, timeout: float) -> Any:
+        hand_over = getattr(self.inner, "hand_over", None)
+        return hand_over(timeout) if hand_over is not None else None
+
     @property
     def gate(self) -> Any:
         """The found bus's SubscriptionGate, if it has one."""

@@ -114,8 +114,8 @@ def describe_error(exc: BaseException) -> str:
 
 
 class RedisPublisher:
-    """``PUBLISH`` (or ``SPUBLISH`` when ``sharded``) on one connection,
-    opened on first use and again after it is lost.  A publish fires with
+    """``PUBLISH`` (or ``SPUBLISH`` when ``sharded``), or any other command,
+    on one connection, opened on first use and again after it is lost.  A publish fires with
     Redis's receiver count, or fails (Redis down, an error reply); it is
     never retried, so never delivered twice.  Publishes go out in call order.
     """
@@ -140,14 +140,18 @@ class RedisPublisher:
         return cls(RedisAddress.from_settings(settings), reactor, sharded)
 
     def publish(self, channel: str, data: bytes) -> Deferred[int]:
+        return self.command(self.verb, channel, data)
+
+    def command(self, *args: str | bytes | int) -> Deferred[Any]:
+        """Any command on this connection (opened if need be), in call order."""
         conn = self._conn
         if conn is not None and conn.reason is None:
-            return conn.command(self.verb, channel, data)
+            return conn.command(*args)
         waiter: Deferred[Connection] = Deferred()
         self._waiters.append(waiter)
         if self._pending is None:
             self._open()
-        return waiter.addCallback(lambda c: c.command(self.verb, channel, data))
+        return waiter.addCallback(lambda c: c.command(*args))
 
     @inlineCallbacks
     def _open(self) -> Any:

@@ -63,6 +63,8 @@ class LinkOwner(Protocol):
 
     def deliver(self, channel: str, data: bytes) -> None: ...
 
+    def channel_confirmed(self, link: "ShardLink", channel: str) -> None: ...
+
     def channel_lost(self, link: "ShardLink", channel: str, moved: tuple[int, Address] | None) -> None: ...
 
     def link_down(self, link: "ShardLink") -> None: ...
@@ -274,6 +276,7 @@ class ShardLink:
     def _subscribed(self, _: Any, conn: RedisProtocol, channel: str) -> None:
         if conn is self.conn and channel in self.channels:
             self.acked.add(channel)
+            self.owner.channel_confirmed(self, channel)
 
     def _refused(self, failure: Failure, conn: RedisProtocol, channel: str) -> None:
         if not failure.check(RedisError) or conn is not self.conn or channel not in self.channels:
