@@ -426,10 +426,13 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError("config", f"{path!r} must hold a mapping of settings")
     for key in data:
         if key not in BY_KEY:
-            close = difflib.get_close_matches(str(key), BY_KEY, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(str(key), f"unknown setting in {path}{hint}")
+            raise ConfigError(str(key), f"unknown setting in {path}{_did_you_mean(str(key))}")
     return dict(data)
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, BY_KEY, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _convert(field: Field, raw: Any, source: str) -> Any:
@@ -484,7 +487,7 @@ def load(
         if raw is None:
             continue
         if key not in BY_KEY:
-            raise ConfigError(key, "unknown setting", "command line")
+            raise ConfigError(key, f"unknown setting{_did_you_mean(key)}", "command line")
         values[key] = _convert(BY_KEY[key], raw, "command line")
         given.add(key)
     if values.get("event_bus", "auto") == "auto" and not any(values.get(key) for key in given & REDIS_LOCATION):

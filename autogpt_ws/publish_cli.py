@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import react
 from twisted.python import usage
 
-from . import publish
+from . import __version__, publish
 from .bus.channels import Layout
 from .bus.cluster_publish import ClusterPublisher
 from .bus.redis_client import RedisPublisher
@@ -173,7 +173,18 @@ class RunOptions(_Common):
 
 
 class PublishOptions(_Common):
-    synopsis = "[options] node|graph|notification|raw|run [form options]"
+    synopsis = "Usage: autogpt-ws publish [options] node|graph|notification|raw|run [form options]"
+
+    def getSynopsis(self) -> str:
+        if self.subCommand is not None:  # a form's usage: "... publish [options] node [options]"
+            return "Usage: autogpt-ws publish [options]"
+        return self.synopsis
+
+    def opt_version(self) -> None:
+        """print the version and exit"""
+        sys.stdout.write(f"autogpt-ws {__version__}\n")
+        raise SystemExit(0)
+
     longdesc = ("Publish events on Redis exactly as AutoGPT's executors do. "
                 "`autogpt-ws publish FORM --help` lists a form's options.")
     subCommands = [

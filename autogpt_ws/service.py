@@ -3,12 +3,14 @@ the hub and the Autobahn factory, with a bounded graceful stop."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.address import UNIXAddress
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +30,16 @@ from .web import QuietSite, Root, Upgrade
 log = Logger()
 
 
+def format_listen_address(address: Any) -> str:
+    """A listening address for logs: ``host:port``, ``[v6]:port``, or the
+    path of a UNIX socket."""
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    host, port = getattr(address, "host", ""), getattr(address, "port", "")
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 class StartupError(Exception):
     """The server cannot start; ``str()`` is the one line to show."""
 
@@ -39,8 +51,10 @@ class WebsocketServer(MultiService):
     name = "autogpt-ws"
 
     def __init__(self, settings: Settings, reactor: Any = None,
-                 verifier: TokenVerifier | None = None, bus: IEventBus | None = None) -> None:
+                 verifier: TokenVerifier | None = None, bus: IEventBus | None = None,
+                 worker: int | None = None) -> None:
         super().__init__()
+        self.worker = worker  # the index under --workers, for the logs
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -109,17 +123,18 @@ class WebsocketServer(MultiService):
         self.verifier.start()
         super().startService()
         log.info(
-            "autogpt-ws {version} listening on {address}, event bus {bus}, auth {auth}",
-            version=__version__, address=self._address(), bus=self.bus.describe(),
-            auth=self.settings.auth_mode,
+            "autogpt-ws {version}{which} listening on {address} (pid {pid}), event bus {bus}, auth {auth}",
+            version=__version__, which=f" worker {self.worker}" if self.worker is not None else "",
+            address=self._address(), pid=os.getpid(), bus=self.bus.describe(), auth=self.settings.auth_mode,
+            worker=self.worker,
         )
 
     def _address(self) -> str:
-        try:
-            host = self.listener._waitingForPort.result.getHost()  # type: ignore[union-attr]
-            return f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}" if hasattr(host, "port") else str(host)
-        except AttributeError:
+        """Where it listens: host:port ([v6]:port), or a socket's path."""
+        listening = getattr(self.listener, "_waitingForPort", None)
+        if listening is None or not listening.called or not hasattr(listening.result, "getHost"):
             return self.settings.endpoint
+        return format_listen_address(listening.result.getHost())
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, close every socket with 1001 and wait for them

@@ -29,9 +29,21 @@ OVERRIDES = {
 
 
 class Options(usage.Options):
-    synopsis = "[options]"
-    longdesc = ("The AutoGPT real-time WebSocket server. Settings come from config.yaml, "
-                "then environment variables, then these options.")
+    synopsis = "[options]"  # under twistd: "twistd [options] autogpt-ws [options]"
+    longdesc = (
+        "The AutoGPT real-time WebSocket server: browsers of the AutoGPT frontend open /ws?token=<JWT>, "
+        "subscribe to graph executions and receive every execution event and notification AutoGPT's "
+        "executors publish on Redis. Settings come from config.yaml, then environment variables, then "
+        "these options (--set key=value for any setting; README.md lists them all)."
+    )
+    more = (
+        "\nCommands:\n"
+        "  publish   publish events on Redis as AutoGPT's executors do (autogpt-ws publish --help)\n"
+        "\nRunners (one server, the same options):\n"
+        "  autogpt-ws [options]             foreground; exits 0 after SIGTERM/SIGINT\n"
+        "  python ws.py [options]           the same, from a checkout\n"
+        "  twistd [-n] autogpt-ws [options] the twistd plugin; without -n it daemonizes\n"
+    )
     optParameters = [
         ["config", "c", None, "config.yaml to read (default: $AUTOGPT_WS_CONFIG, else ./config.yaml if present)"],
         ["host", None, None, "interface to bind (WEBSOCKET_SERVER_HOST)"],
@@ -40,12 +52,14 @@ class Options(usage.Options):
         ["log-level", None, None, "debug, info, warn, error or critical"],
         ["log-format", None, None, "text or json"],
         ["workers", "w", None, "server processes sharing the port"],
-        ["event-bus", None, None, "memory, redis or redis-cluster (EVENT_BUS)"],
+        ["event-bus", None, None, "auto, memory, redis or redis-cluster (EVENT_BUS; auto: ask the Redis named, if any)"],
     ]
     optFlags = [["demo", None, "run a simulated executor publishing graph runs for the default user"]]
 
-    def __init__(self, env: Mapping[str, str] | None = None, stderr: IO[str] | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, stderr: IO[str] | None = None,
+                 program: str = "autogpt-ws") -> None:
         super().__init__()
+        self.program = program
         self.env = os.environ if env is None else env
         self.stderr = stderr
         self.sets: dict[str, str] = {}
@@ -59,6 +73,15 @@ class Options(usage.Options):
         self.sets[key.strip()] = value
 
     opt_o = opt_set
+
+    def getUsage(self, width: int | None = None) -> str:
+        return super().getUsage(width) + self.more
+
+    def getSynopsis(self) -> str:
+        if getattr(self, "parent", None) is not None:  # twistd autogpt-ws: twistd's own first
+            return super().getSynopsis()
+        return (f"Usage: {self.program} [options]\n"
+                f"       {self.program} publish [options] node|graph|notification|raw|run [form options]")
 
     def opt_version(self) -> None:
         """print the version and exit"""
@@ -85,7 +108,7 @@ class Options(usage.Options):
 def parse_or_none(argv: list[str], program: str = "autogpt-ws") -> Options | None:
     """Options parsed from ``argv``, or None after one line on stderr
     (the caller exits 2).  A bad setting exits 2 from postOptions."""
-    options = Options()
+    options = Options(program=program)
     try:
         options.parseOptions(argv)
     except usage.UsageError as exc:
@@ -136,11 +159,12 @@ def twistd_logger(parent: Any, settings: Settings) -> Callable[[], ILogObserver]
     return factory
 
 
-def build(settings: Settings, demo: bool = False, reactor: Any = None) -> IService:
-    """The service tree every runner starts."""
+def build(settings: Settings, demo: bool = False, reactor: Any = None, worker: int | None = None) -> IService:
+    """The service tree every runner starts (``worker``: its index under
+    ``--workers``)."""
     from .service import WebsocketServer
 
-    server = WebsocketServer(settings, reactor=reactor)
+    server = WebsocketServer(settings, reactor=reactor, worker=worker)
     if demo:
         from .demo import DemoExecutor
 

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     if port is not None and not settings.listen:
         settings = settings.replace(port=port)
     logs.start(settings.log_level, settings.log_format)
-    server = build(settings, demo=bool(options["demo"]) and os.environ.get(ENV_INDEX, "0") == "0")
+    index = int(os.environ.get(ENV_INDEX, "0"))
+    server = build(settings, demo=bool(options["demo"]) and index == 0, worker=index)
     use_reuse_port(server, port if settings.listen else None)
     return run_processes(server)
 

@@ -292,6 +292,71 @@ class ForegroundRunner(TestCase):
         self.assertNotIn("SECRETXYZ", out)
 
 
+class CommandLine(TestCase):
+    """What a newcomer types first: --help, --version, a typo in --set."""
+
+    timeout = 120
+
+    def run_cli(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, env=clean_env(), capture_output=True, text=True, timeout=60,
+                              cwd=tempfile.gettempdir())
+
+    def test_help_names_the_program_its_command_and_runners(self) -> None:
+        for argv in (console_script("--help"), ws_py("--help")):
+            out = self.run_cli(argv).stdout
+            self.assertTrue(out.startswith("Usage: autogpt-ws [options]\n"
+                                           "       autogpt-ws publish [options] node|graph|notification|raw|run"), out)
+            self.assertIn("\nCommands:\n  publish   ", out)
+            for runner in ("autogpt-ws [options]", "python ws.py [options]", "twistd [-n] autogpt-ws [options]"):
+                self.assertIn(runner, out.split("Runners")[1])
+        out = self.run_cli(twistd("autogpt-ws", "--help")).stdout
+        self.assertTrue(out.startswith("Usage: twistd [options] autogpt-ws [options]\n"), out)
+
+    def test_publish_usage_reads_as_one_command(self) -> None:
+        out = self.run_cli(console_script("publish", "--help")).stdout
+        self.assertTrue(out.startswith("Usage: autogpt-ws publish [options] node|graph|notification|raw|run "
+                                       "[form options]\n"), out)
+        out = self.run_cli(console_script("publish", "node", "--help")).stdout
+        self.assertTrue(out.startswith("Usage: autogpt-ws publish [options] node [options]\n"), out)
+
+    def test_one_version_everywhere(self) -> None:
+        for argv in (console_script("--version"), ws_py("--version"), twistd("autogpt-ws", "--version"),
+                     console_script("publish", "--version"),
+                     [sys.executable, "-m", "autogpt_ws.worker", "--version"]):
+            done = self.run_cli(argv)
+            self.assertEqual((done.returncode, done.stdout), (0, f"autogpt-ws {__version__}\n"), argv)
+
+    def test_a_typo_in_set_suggests_the_setting(self) -> None:
+        done = self.run_cli(console_script("--set", "rate_limt=5"))
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr, "autogpt-ws: configuration error: rate_limt (from command line): "
+                                      "unknown setting (did you mean rate_limit?)\n")
+
+    def test_startup_line_names_the_address_and_the_worker(self) -> None:
+        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+        from autogpt_ws.service import format_listen_address
+
+        self.assertEqual(format_listen_address(IPv4Address("TCP", "0.0.0.0", 8001)), "0.0.0.0:8001")
+        self.assertEqual(format_listen_address(IPv6Address("TCP", "::1", 8001)), "[::1]:8001")
+        self.assertEqual(format_listen_address(UNIXAddress(b"/run/autogpt-ws.sock")), "/run/autogpt-ws.sock")
+        path = os.path.join(tempfile.mkdtemp(prefix="autogpt-ws-unix-"), "ws.sock")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path), True)
+        proc = Process(self, ws_py("--listen", f"unix:{path}"))
+        deadline = time.monotonic() + STARTUP
+        while "listening on" not in proc.stdout and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(proc.stop(), 0)
+        self.assertIn(f"autogpt-ws {__version__} listening on {path} (pid {proc.popen.pid})", proc.stdout)
+        port = free_port()
+        worker = Process(self, [sys.executable, "-m", "autogpt_ws.worker", "--host", "127.0.0.1"],
+                         env=clean_env(AUTOGPT_WS_WORKER_INDEX="3", AUTOGPT_WS_WORKER_PORT=str(port)))
+        worker.wait_healthy(port)
+        self.assertEqual(worker.stop(), 0)
+        self.assertIn(f"autogpt-ws {__version__} worker 3 listening on 127.0.0.1:{port} (pid {worker.popen.pid})",
+                      worker.stdout)
+
+
 class TwistdRunner(TestCase):
     timeout = 120
 
