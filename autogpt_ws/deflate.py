@@ -6,17 +6,17 @@ server_no_context_takeover; client_no_context_takeover`` (plus
 browser accepts: each message, in either direction, is compressed on its
 own, so nothing is kept between messages.  An offer the server cannot
 honour (a parameter not in RFC 7692, a repeated or bad value, or
-``server_max_window_bits=8``, which neither zlib nor ISA-L make) is declined, and the
-socket runs uncompressed, instead of failing the handshake as Autobahn
-would.
+``server_max_window_bits=8``, which neither zlib nor ISA-L make) is
+declined, and the socket runs uncompressed, instead of failing the
+handshake as Autobahn would.
 
 Outbound: the sockets that negotiated the same server window share a
 :class:`Deflater` (a parameter set).  A pushed frame is compressed at most
 once per parameter set, cached on its :class:`~wire.OutFrame`, and every
 socket of that set writes the same bytes.  Frames under ``threshold`` bytes
 go uncompressed (RSV1 clear), as does a frame compressing made no smaller.
-The compressor is ISA-L's (``isal``), about three times faster than zlib's
-at its level 1 for slightly smaller output; its output is plain deflate.
+The compressor is ISA-L's (``isal``), two to three times faster than
+zlib's level 1 for slightly smaller output; its output is plain deflate.
 
 Inbound: :class:`Inflate` is Autobahn's inflater, made afresh for each
 compressed message and dropped at its end; the size bound on inflating
