@@ -466,15 +466,23 @@ class RawClient(Replies, _Protocol):
         return self.lost
 
 
+def extensions_answer(head: bytes) -> str | None:
+    """The Sec-WebSocket-Extensions of a server's answer to the upgrade."""
+    for line in head.decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "sec-websocket-extensions":
+            return value.strip()
+    return None
+
+
 def _inflater(head: bytes) -> Any:
     """A raw inflater of the window the server's answer names, when it
     took up permessage-deflate."""
-    for line in head.decode("latin-1").split("\r\n"):
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "sec-websocket-extensions" and "permessage-deflate" in value:
-            bits = re.search(r"server_max_window_bits=(\d+)", value)
-            return zlib.decompressobj(-int(bits.group(1)) if bits else -zlib.MAX_WBITS)
-    return None
+    answer = extensions_answer(head) or ""
+    if "permessage-deflate" not in answer:
+        return None
+    bits = re.search(r"server_max_window_bits=(\d+)", answer)
+    return zlib.decompressobj(-int(bits.group(1)) if bits else -zlib.MAX_WBITS)
 
 
 class _One(_ClientFactory):

@@ -20,7 +20,8 @@ from autogpt_ws import publish, wire
 from autogpt_ws.deflate import Deflater, Inflate
 from autogpt_ws.metrics import Stats
 from tests.helpers import (
-    U, RawClient, connect, free_port, http_fetch, raw_connect, redis_server, server_side, start_server, wait_for,
+    U, RawClient, connect, extensions_answer, free_port, http_fetch, raw_connect, redis_server, server_side,
+    start_server, wait_for,
 )
 from tests.test_metrics import Scrape
 from tests.test_runners import Process, clean_env, ws_py
@@ -38,11 +39,7 @@ def subscribe(exec_id: str) -> str:
 
 
 def extensions(client: RawClient) -> str | None:
-    for line in client.head.decode("latin-1").split("\r\n"):
-        name, _, value = line.partition(":")
-        if name.lower() == "sec-websocket-extensions":
-            return value.strip()
-    return None
+    return extensions_answer(client.head)
 
 
 def event_of(exec_id: str, output: str) -> dict[str, Any]:
@@ -151,7 +148,7 @@ class BrowserLike(TestCase):
         yield wait_for(lambda: all(len(c.messages) == len(expected) for c in clients), timeout=60)
         for offer, client in zip(offers + ["autobahn"], clients):
             self.assertEqual(client.messages, expected, offer)
-        threshold = 512  # the default
+        threshold = server.settings.deflate_threshold
         for offer, client in zip(offers, raw):
             for message, compressed in zip(expected, client.compressed):
                 # pushed frames from the threshold on go compressed (unless that saves nothing); replies never
