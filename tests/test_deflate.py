@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 import zlib
 from typing import Any
 
@@ -21,10 +20,10 @@ from autogpt_ws.deflate import Deflater, Inflate
 from autogpt_ws.metrics import Stats
 from tests.helpers import (
     U, RawClient, connect, extensions_answer, free_port, http_fetch, raw_connect, redis_server, server_side,
-    start_server, wait_for,
+    sleep, start_server, wait_for,
 )
 from tests.test_metrics import Scrape
-from tests.test_runners import Process, clean_env, ws_py
+from tests.test_runners import Process, clean_env, http_get, ws_py
 
 PING = '{"method":"heartbeat","data":"ping","success":true}'
 PONG = b'{"method":"heartbeat","data":"pong","success":true}'
@@ -316,7 +315,7 @@ class MemoryPerSocket(TestCase):
             event = event_of(exec_id, text)
             redis.command("PUBLISH", f"execution_event/{U}/g1/{exec_id}", publish.envelope(event))
             yield wait_for(lambda: all(c.message_count == 2 + number for c in clients), timeout=60)
-        time.sleep(0.5)
+        yield sleep(0.5)  # the server done writing
         return (rss(server.popen.pid) - before) / count
 
     @inlineCallbacks
@@ -330,6 +329,7 @@ class MemoryPerSocket(TestCase):
                         WS_RATE_LIMIT="0", WS_PING_INTERVAL="0", LOG_LEVEL="warn")
         server = Process(self, ws_py(), env=env)
         server.wait_healthy(port)
+        yield wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=30)  # subscribed to Redis
         yield self.cost(server, redis, port, 20, offer, "warm-up")
         cost = yield self.cost(server, redis, port, self.SOCKETS, offer, "measured")
         server.kill()
