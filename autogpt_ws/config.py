@@ -261,7 +261,13 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("open_handshake_timeout", "float", 10.0, "WS_OPEN_HANDSHAKE_TIMEOUT", "seconds for a client to send each request head, and to complete the upgrade", minimum=0),
         _f("ping_interval", "float", 20.0, "WS_PING_INTERVAL", "protocol ping every N seconds (0: off)", minimum=0),
         _f("ping_timeout", "float", 20.0, "WS_PING_TIMEOUT", "close a socket whose pong is this late", minimum=0),
-        _f("permessage_deflate", "bool", True, "WS_PERMESSAGE_DEFLATE", "accept permessage-deflate when a client offers it"),
+        _f("permessage_deflate", "bool", True, "WS_PERMESSAGE_DEFLATE",
+           "accept permessage-deflate when a client offers it, with no context takeover either way"),
+        _f("deflate_threshold", "size", 512, "WS_DEFLATE_THRESHOLD",
+           "pushed frames under this many bytes go uncompressed to compressing sockets", minimum=0),
+        _f("deflate_level", "int", 1, "WS_DEFLATE_LEVEL",
+           "compression level of pushed frames (ISA-L's), 0 (fastest) to 3 (smallest); each frame is compressed once per window size",
+           minimum=0, maximum=3),
         _f("ws_allowed_origins", "list", (), "WS_ALLOWED_ORIGINS", "upgrade Origin allow-list, exact or regex:<pattern> (empty: any); null is an origin: list it to allow it"),
         _f("ws_allow_missing_origin", "bool", True, "WS_ALLOW_MISSING_ORIGIN", "with an allow-list, accept upgrades that carry no Origin"),
     )),
@@ -373,6 +379,8 @@ class Settings:
     ping_interval: float
     ping_timeout: float
     permessage_deflate: bool
+    deflate_threshold: int
+    deflate_level: int
     ws_allowed_origins: tuple[str, ...]
     ws_allow_missing_origin: bool
     catchup_enabled: bool

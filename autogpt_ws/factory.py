@@ -3,10 +3,9 @@ sockets, admission at the upgrade, and closing every socket on shutdown."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketServerFactory
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -15,6 +14,7 @@ from twisted.logger import Logger
 from . import __version__
 from .auth import TokenVerifier
 from .config import Settings
+from .deflate import Deflaters, acceptor
 from .flush import Flusher
 from .hub import Hub
 from .metrics import Stats
@@ -57,20 +57,6 @@ class ExactTimer:
 
     def call_later(self, delay: float, func: Callable[..., Any], *args: Any, **kwargs: Any) -> _Call:
         return _Call(self._reactor.callLater(delay, func, *args, **kwargs))
-
-
-def deflate_acceptor(max_message: int) -> Callable[[Sequence[Any]], PerMessageDeflateOfferAccept | None]:
-    """Accept permessage-deflate; a message inflates to at most one byte
-    past ``max_message`` (zlib's max_length), so a compression bomb is cut
-    there and the protocol refuses that one byte exactly."""
-
-    def accept_deflate(offers: Sequence[Any]) -> PerMessageDeflateOfferAccept | None:
-        for offer in offers:
-            if isinstance(offer, PerMessageDeflateOffer):
-                return PerMessageDeflateOfferAccept(offer, max_message_size=max_message + 1)
-        return None
-
-    return accept_deflate
 
 
 def deflate_bound(size: int) -> int:
@@ -142,6 +128,7 @@ class WebsocketFactory(WebSocketServerFactory):
         self.admission = Admission(settings, lambda: len(self.sockets))
         self._batched_timer = ExactTimer(reactor)
         self.flusher = Flusher(reactor)
+        self.deflaters = Deflaters(settings.deflate_level, settings.deflate_threshold, stats)
         limit = settings.max_inbound_frame
         self.setProtocolOptions(
             webStatus=False,
@@ -158,7 +145,7 @@ class WebsocketFactory(WebSocketServerFactory):
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             failByDrop=False,
             tcpNoDelay=True,
-            perMessageCompressionAccept=deflate_acceptor(limit) if settings.permessage_deflate else (lambda offers: None),
+            perMessageCompressionAccept=acceptor(limit),  # offers are sifted first: ServerProtocol.onConnect
         )
         self.protocol = options_on_class(ServerProtocol, self)
 

@@ -60,6 +60,11 @@ class Stats:
         self.catchup_store_errors = 0  # store writes and reads that failed (the replay fell back on this server)
         self.catchup_store_skipped = 0  # events over catchup_store_max_event, not written
         self.handler_errors = 0
+        # permessage-deflate: pushed frames compressed (once per frame and
+        # parameter set), their bytes before and after
+        self.deflate_frames = 0
+        self.deflate_bytes_in = 0
+        self.deflate_bytes_out = 0
 
     @property
     def events_received(self) -> int:
@@ -103,6 +108,9 @@ class StatsCollector(Collector):
         yield CounterMetricFamily("autogpt_ws_slow_consumer_closes", "Sockets closed 1013 for not reading", value=s.slow_consumer_closes)
         yield CounterMetricFamily("autogpt_ws_rate_limited_frames", "Client frames refused by the rate limit", value=s.rate_limited)
         yield CounterMetricFamily("autogpt_ws_handler_errors", "Client frames whose handling failed inside the server", value=s.handler_errors)
+        yield CounterMetricFamily("autogpt_ws_deflate_frames", "Pushed frames compressed, once per frame and window size whatever the sockets", value=s.deflate_frames)
+        yield CounterMetricFamily("autogpt_ws_deflate_bytes_in", "Bytes of pushed frames before compressing", value=s.deflate_bytes_in)
+        yield CounterMetricFamily("autogpt_ws_deflate_bytes_out", "Bytes of pushed frames after compressing", value=s.deflate_bytes_out)
         yield CounterMetricFamily("autogpt_ws_catchup_hits", "Subscribes answered with a cached latest event", value=s.catchup_hits)
         yield CounterMetricFamily("autogpt_ws_catchup_misses", "Subscribes with no cached event", value=s.catchup_misses)
         yield CounterMetricFamily("autogpt_ws_catchup_evictions", "Cached executions evicted (bytes or age)", value=s.catchup_evictions)

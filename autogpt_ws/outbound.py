@@ -1,9 +1,9 @@
 """One socket's output, bounded: the write side of :class:`ServerProtocol`.
 
 Every byte the server writes to a socket goes through here: pushed events
-(:meth:`push`, queued for one write per reactor turn, :mod:`flush`), and
-whatever Autobahn writes through ``sendData``: the handshake answer,
-replies, compressed frames, pings, pongs and close frames.
+(:meth:`push`, queued for one write per reactor turn, :mod:`flush`;
+compressed or not, :mod:`deflate`), and whatever Autobahn writes through
+``sendData``: the handshake answer, replies, pings, pongs and close frames.
 
 Backpressure: the socket is its transport's streaming producer.  Output is
 written while the transport holds nothing; once a write leaves bytes
@@ -35,6 +35,7 @@ from .limits import descriptor_of, frame_rest, keep_unsent, unsent_bytes
 from .wire import OutFrame
 
 if TYPE_CHECKING:
+    from .deflate import Deflater
     from .factory import WebsocketFactory
 
 log = Logger()
@@ -53,7 +54,7 @@ class Outbound:
     transport: Any
     state: int
     user_id: str
-    _deflate: bool
+    _deflater: Deflater | None
 
     _paused = False  # the transport holds unsent output
     _descriptor: Any = None  # the file descriptor buffering our output
@@ -110,18 +111,17 @@ class Outbound:
     # -- writing ------------------------------------------------------------
 
     def push(self, frame: OutFrame) -> None:
-        """Write a frame built for many sockets: its shared framing, queued
-        for one write per reactor turn; held while the client is behind, or
-        compressed per socket."""
+        """Write a frame built for many sockets: its shared framing (or its
+        compressed framing, shared by the sockets of one parameter set),
+        queued for one write per reactor turn; held while the client is
+        behind."""
         if self.state != STATE_OPEN:
             return
-        if self._deflate:
-            self.sendMessage(frame.payload)  # type: ignore[attr-defined]
-            return
+        deflater = self._deflater
+        wire = frame.wire if deflater is None else deflater.wire(frame)
         if self._paused:
-            self._hold(frame.wire)
+            self._hold(wire)
             return
-        wire = frame.wire
         out = self._out
         if out is None:
             self._out = [wire]
@@ -153,8 +153,8 @@ class Outbound:
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """Every frame Autobahn writes (the handshake answer, replies, pings,
-        pongs, compressed frames, close) goes after the events already
-        queued for this socket, and counts against the bound like them."""
+        pongs, close) goes after the events already queued for this socket,
+        and counts against the bound like them."""
         if self._out is not None:
             self.flush()
         if sync or chopsize:  # Autobahn's trickled writes: never used here

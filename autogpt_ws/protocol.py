@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import lazylog
+from . import deflate, lazylog
 from .auth import AuthFailure, Identity
 from .limits import TokenBucket
 from .metrics import close_code_label
@@ -51,6 +51,7 @@ HANDSHAKE_ONLY = (
     "http_headers", "http_request_data", "http_response_data", "http_status_line",
     "http_request_params", "http_request_host", "http_request_path", "http_request_uri",
     "_wskey", "websocket_protocols", "websocket_extensions", "websocket_origin",
+    "websocket_extensions_in_use",
 )
 
 
@@ -79,7 +80,7 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
     _expiry: IDelayedCall | None = None
     _session: Session | None = None
     _attached = False
-    _deflate = False
+    _deflater: deflate.Deflater | None = None  # the parameter set of a compressing socket
     _busy: Deferred[None] | None = None
     _inbox: deque[bytes] | None = None
     _bucket: TokenBucket | None = None
@@ -137,6 +138,9 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[None] | None:
         factory = self.factory
+        # what Autobahn negotiates from (succeedHandshake): only offers we honour
+        self.websocket_extensions = (deflate.offers(self.websocket_extensions)
+                                     if factory.settings.permessage_deflate else [])
         refusal = factory.admission.refuse(request)
         if refusal is not None:
             factory.stats.handshakes_refused[getattr(refusal, "label", str(refusal.code))] += 1
@@ -210,10 +214,13 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
         attributes = self.__dict__
         for name in HANDSHAKE_ONLY:
             attributes.pop(name, None)
+        negotiated = self._perMessageCompress
+        if negotiated is not None:
+            self._perMessageCompress = deflate.Inflate.replacing(negotiated)
+            self._deflater = factory.deflaters.get(negotiated.server_max_window_bits)
         if self._denied is not None:
             self.sendClose(self._denied.code, self._denied.reason)
             return
-        self._deflate = self._perMessageCompress is not None
         settings = factory.settings
         # with auth disabled every socket is the same user: no per-user cap
         per_user = settings.max_connections_per_user if settings.enable_auth else 0
@@ -327,7 +334,7 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
             self._refused = False
             self.send_reply(RATE_LIMITED)
             return
-        if self._deflate and len(payload) > self.factory.settings.max_inbound_frame:
+        if self._perMessageCompress is not None and len(payload) > self.factory.settings.max_inbound_frame:
             self._too_big()  # inflated one byte past the limit: no further
             return
         if self._busy is not None:
@@ -378,13 +385,10 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
 
     def send_reply(self, payload: bytes) -> None:
         """A reply to this socket's frame: framed here (one unmasked text
-        frame, as Autobahn would) unless the socket compresses."""
+        frame, as Autobahn would), never compressed (replies are small)."""
         if self.state == STATE_OPEN:
             self.factory.stats.replies_out += 1
-            if self._deflate:
-                self.sendMessage(payload)
-            else:
-                self.sendData(ws_text_frame(payload))
+            self.sendData(ws_text_frame(payload))
 
     # -- closing ------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import json
 import re
 import struct
 from json.decoder import scanstring  # type: ignore[attr-defined]
-from typing import Any
+from typing import Any, Protocol
 
 # -- the fixed strings -------------------------------------------------------
 
@@ -198,31 +198,52 @@ def push(method: str, key: str | None, event: bytes) -> bytes:
     ))
 
 
-def ws_text_frame(payload: bytes) -> bytes:
-    """RFC 6455 unmasked, unfragmented text frame (server to client)."""
+def ws_text_frame(payload: bytes, compressed: bool = False) -> bytes:
+    """RFC 6455 unmasked, unfragmented text frame (server to client);
+    ``compressed`` sets RSV1, marking a permessage-deflate message."""
+    first = 0xC1 if compressed else 0x81
     size = len(payload)
     if size < 126:
-        return bytes((0x81, size)) + payload
+        return bytes((first, size)) + payload
     if size < 65536:
-        return struct.pack("!BBH", 0x81, 126, size) + payload
-    return struct.pack("!BBQ", 0x81, 127, size) + payload
+        return struct.pack("!BBH", first, 126, size) + payload
+    return struct.pack("!BBQ", first, 127, size) + payload
+
+
+class Compressor(Protocol):
+    """A permessage-deflate parameter set (:class:`deflate.Deflater`)."""
+
+    def frame(self, payload: bytes) -> bytes | None: ...
 
 
 class OutFrame:
     """A frame for many sockets: JSON built once, WebSocket framing built
-    once on first use and shared by every socket that writes it raw."""
+    once on first use and shared by every socket that writes it raw; and
+    compressed at most once per parameter set, shared likewise."""
 
-    __slots__ = ("payload", "_wire")
+    __slots__ = ("payload", "_wire", "_deflated")
 
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
         self._wire: bytes | None = None
+        self._deflated: dict[Compressor, bytes] | None = None
 
     @property
     def wire(self) -> bytes:
         wire = self._wire
         if wire is None:
             wire = self._wire = ws_text_frame(self.payload)
+        return wire
+
+    def deflated(self, compressor: Compressor) -> bytes:
+        """The frame for sockets of ``compressor``'s parameter set: its
+        compressed frame, or the plain one when compressing saved nothing."""
+        cache = self._deflated
+        if cache is None:
+            cache = self._deflated = {}
+        wire = cache.get(compressor)
+        if wire is None:
+            wire = cache[compressor] = compressor.frame(self.payload) or self.wire
         return wire
 
 

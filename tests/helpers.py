@@ -4,6 +4,7 @@ signed JWTs, and a redis-server the tests start on a free port."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -288,10 +289,12 @@ def ws_client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True, mask: b
     return head + key + payload
 
 
-def deflated(payload: bytes) -> bytes:
+def deflated(payload: bytes, compressor: Any = None) -> bytes:
     """``payload`` as one permessage-deflate message body (RFC 7692: raw
-    deflate, flushed, without the final 00 00 ff ff)."""
-    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflate, flushed, without the final 00 00 ff ff): compressed on its
+    own, or by ``compressor``, kept across messages (context takeover)."""
+    if compressor is None:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
     data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
     return data[:-4]
 
@@ -313,17 +316,25 @@ class RawClient(Replies, _Protocol):
     ``messages``; ``close_code``/``close_reason`` hold the server's close
     frame, ``pings`` and ``pongs`` count pings and pongs received,
     ``lost_reason`` is why the connection ended.  With ``deflate`` it offers
-    permessage-deflate and inflates compressed messages."""
+    permessage-deflate (``deflate`` is the offer, or True for the bare one)
+    and, when the server takes it up, inflates compressed messages with
+    one inflater for the socket's life, as browsers do, of the window the
+    server answered.  ``head`` is the server's answer to the upgrade;
+    ``compressed`` and ``wire`` say, for each message kept, whether it
+    came compressed (RSV1) and its frame's bytes."""
 
     def __init__(self, path: str = "/ws", headers: dict[str, str] | None = None,
                  answer_pings: bool = True, answer_close: bool = True, keep_messages: bool = True,
-                 deflate: bool = False) -> None:
+                 deflate: bool | str = False) -> None:
         self.path = path
         self.headers = headers
         self.inflater: Any = None
         if deflate:
-            self.headers = {**(headers or {}), "Sec-WebSocket-Extensions": "permessage-deflate"}
-            self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            offer = deflate if isinstance(deflate, str) else "permessage-deflate"
+            self.headers = {**(headers or {}), "Sec-WebSocket-Extensions": offer}
+        self.head = b""
+        self.compressed: list[bool] = []
+        self.wire: list[bytes] = []
         self.answer_pings = answer_pings
         self.answer_close = answer_close
         self.keep_messages = keep_messages
@@ -363,6 +374,8 @@ class RawClient(Replies, _Protocol):
                     self.opened.errback(HandshakeRefused(self.status, head))
                 return
             self._upgraded = True
+            self.head = head
+            self.inflater = _inflater(head)
             self.opened.callback(self)
         self._frames()
 
@@ -386,8 +399,11 @@ class RawClient(Replies, _Protocol):
             if len(buf) - pos < head + size:
                 break
             payload = buf[pos + head:pos + head + size]
+            if self.keep_messages and first & 0x0F in (0x1, 0x2):  # the server never fragments
+                self.compressed.append(bool(first & 0x40))
+                self.wire.append(buf[pos:pos + head + size])
             pos += head + size
-            if first & 0x40 and self.inflater is not None:  # the server never fragments
+            if first & 0x40 and self.inflater is not None:
                 payload = self.inflater.decompress(payload + b"\x00\x00\xff\xff")
             self._frame(first & 0x80, first & 0x0F, payload)
         self._buffer = buf[pos:]
@@ -438,11 +454,35 @@ class RawClient(Replies, _Protocol):
         data = payload.encode("utf-8") if isinstance(payload, str) else payload
         self.transport.write(ws_client_frame(data, opcode, fin))
 
+    def send_compressed(self, payload: bytes | str, compressor: Any = None) -> None:
+        """A compressed text message, as a browser sends one (:func:`deflated`)."""
+        data = payload.encode("utf-8") if isinstance(payload, str) else payload
+        self.transport.write(ws_client_frame(deflated(data, compressor), rsv1=True))
+
     def abort(self) -> Deferred[None]:
         """Drop the TCP connection now; fires when it is gone."""
         if not self.lost.called and self.transport is not None:
             self.transport.abortConnection()
         return self.lost
+
+
+def extensions_answer(head: bytes) -> str | None:
+    """The Sec-WebSocket-Extensions of a server's answer to the upgrade."""
+    for line in head.decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "sec-websocket-extensions":
+            return value.strip()
+    return None
+
+
+def _inflater(head: bytes) -> Any:
+    """A raw inflater of the window the server's answer names, when it
+    took up permessage-deflate."""
+    answer = extensions_answer(head) or ""
+    if "permessage-deflate" not in answer:
+        return None
+    bits = re.search(r"server_max_window_bits=(\d+)", answer)
+    return zlib.decompressobj(-int(bits.group(1)) if bits else -zlib.MAX_WBITS)
 
 
 class _One(_ClientFactory):

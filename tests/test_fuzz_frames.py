@@ -17,8 +17,9 @@ with a documented code.
 The bound asserted, from the limits in the README: a socket costs the
 server at most ``max_inbound_frame`` (a message being received) plus
 ``max_send_buffer`` (its unsent output, plus one frame) plus
-``PER_SOCKET_STATE`` (compression contexts: zlib's deflate state is
-256 KiB, its inflate state ~40 KiB; Autobahn's and Twisted's objects).  The
+``PER_SOCKET_STATE`` (an inflater while a compressed message is read,
+~40 KiB, and the compressor's ~370 KiB, one at a time for the whole server;
+Autobahn's and Twisted's objects).  The
 server's peak RSS over the whole run (VmHWM) may exceed its RSS before
 the run by at most ``POOL + 1`` such sockets plus ``SLACK`` for the
 interpreter's own growth.

@@ -1,0 +1,439 @@
+#!/usr/bin/env python3
+"""What permessage-deflate costs, quickly: a check, not the benchmark table.
+
+    python benchmarks/deflate.py levels            # compression level and threshold, on AutoGPT-like frames
+    python benchmarks/deflate.py server [--sockets N] [--runs N] [--level L] [--threshold B]   # deflate sockets vs plain
+
+``levels`` compresses AutoGPT-like push frames (:func:`autogpt_frames`: the
+events of simulated graph runs, with some KB of LLM text) as the server
+does (:class:`Deflater`), once each, at each ISA-L level (and zlib's 1 and
+6 for reference), and prints bytes and CPU per frame, the ratio per kind of
+event, then what compressing gains per frame size and per threshold.
+
+``server`` runs ``ws.py`` (pinned to core 0, its own redis-server on core
+1, as ``run.py`` does) with browser-like clients in this process (core 1):
+each offers ``permessage-deflate; client_max_window_bits`` as Chromium
+does, sends its subscribe compressed and inflates what it receives with one
+inflater kept for the socket's life, as browsers do; the same number of
+plain sockets are the reference.  It prints, deflate against plain:
+resident memory per idle subscribed socket, before and after twenty ~10 KB
+events; server CPU per delivery with every socket on one execution
+(fan-out) and with each socket on its own (one delivery per compression,
+the worst case); and bytes on the wire (frame headers included) per byte
+of the messages.  Protocol pings are off for the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import inspect
+import json
+import os
+import random
+import selectors
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import uuid
+import zlib
+from typing import Any, Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import run  # noqa: E402
+
+from autogpt_ws import publish, wire  # noqa: E402
+from autogpt_ws.bus.channels import Layout  # noqa: E402
+from autogpt_ws.config import DEFAULT_USER_ID as USER  # noqa: E402
+from autogpt_ws.deflate import Deflater  # noqa: E402
+from autogpt_ws.metrics import Stats  # noqa: E402
+
+LAYOUT = Layout()
+BROWSER_OFFER = "permessage-deflate; client_max_window_bits"  # what Chromium sends
+
+
+# -- AutoGPT-like events ----------------------------------------------------------
+
+
+def _prose() -> list[str]:
+    """English paragraphs: the standard library's longer docstrings (the
+    same on every machine with this Python)."""
+    import argparse as a, collections as c, email.message as e, http.client as h, json as j, logging as lg
+    import pathlib as p, unittest.case as u, zipfile as z
+    docs = set()
+    for module in (a, c, e, h, j, lg, p, u, z):
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 200:
+                docs.add(doc)
+    return sorted(docs)
+
+
+class Text:
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.paragraphs = _prose()
+
+    def __call__(self, size: int) -> str:
+        out: list[str] = []
+        while sum(map(len, out)) < size:
+            out.append(self.rng.choice(self.paragraphs))
+        return "\n\n".join(out)[:size]
+
+
+def _id(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def autogpt_run(rng: random.Random, text: Text, graph_id: str, exec_id: str) -> Iterator[dict[str, Any]]:
+    """The events of one run of a four-node graph as AutoGPT's executor
+    publishes them: the graph QUEUED, RUNNING, COMPLETED; each node QUEUED
+    and RUNNING with its inputs, and COMPLETED with its inputs and outputs
+    (upstream's executor queues a node with its inputs).  The LLM node
+    takes a prompt of 1-3 KB and answers 1-6 KB; its outputs hold the
+    prompt it sent, as AutoGPT's LLM blocks do."""
+    yield publish.graph_event(USER, graph_id, exec_id, "QUEUED", inputs={"topic": text(80)})
+    yield publish.graph_event(USER, graph_id, exec_id, "RUNNING", inputs={"topic": text(80)})
+    prompt, system, answer = text(rng.randint(1000, 3000)), text(rng.randint(200, 600)), text(rng.randint(1000, 6000))
+    credentials = {"id": _id(rng), "provider": "openai", "type": "api_key", "title": "OpenAI key"}
+    nodes = [
+        ("AgentInputBlock", {"name": "topic", "value": text(80)}, {"result": [text(80)]}),
+        ("AITextGeneratorBlock", {"prompt": prompt, "sys_prompt": system, "model": "gpt-4o", "credentials": credentials,
+                                  "retry": 3, "prompt_values": {}, "max_tokens": None},
+         {"response": [answer], "prompt": [[{"role": "system", "content": system}, {"role": "user", "content": prompt}]]}),
+        ("FillTextTemplateBlock", {"values": {"answer": answer}, "format": "## Summary\n\n{{answer}}\n"},
+         {"output": ["## Summary\n\n" + answer + "\n"]}),
+        ("AgentOutputBlock", {"name": "summary", "value": answer}, {"output": [answer], "name": ["summary"]}),
+    ]
+    for block, inputs, outputs in nodes:
+        node_exec, node = _id(rng), _id(rng)
+        common = {"node_id": node, "block_id": block}
+        yield publish.node_event(USER, graph_id, exec_id, node_exec, "QUEUED", input_data=inputs, **common)
+        yield publish.node_event(USER, graph_id, exec_id, node_exec, "RUNNING", input_data=inputs, **common)
+        yield publish.node_event(USER, graph_id, exec_id, node_exec, "COMPLETED", input_data=inputs,
+                                 output_data=outputs, **common)
+    stats = {"cost": rng.randint(1, 500), "walltime": rng.random() * 30, "cputime": rng.random() * 3,
+             "nodes_walltime": rng.random() * 30, "nodes_cputime": rng.random() * 3, "node_count": 4,
+             "node_error_count": 0, "error": None, "activity_status": None, "correctness_score": None}
+    yield publish.graph_event(USER, graph_id, exec_id, "COMPLETED", inputs={"topic": text(80)},
+                              outputs={"summary": [answer]}, stats=stats)
+
+
+def autogpt_frames(runs: int, seed: int = 7) -> list[bytes]:
+    """Push frames (what one socket subscribed to the execution receives)
+    of ``runs`` simulated runs."""
+    rng = random.Random(seed)
+    text = Text(rng)
+    frames = []
+    for _ in range(runs):
+        graph_id, exec_id = _id(rng), _id(rng)
+        key = wire.exec_key(USER, exec_id)
+        for event in autogpt_run(rng, text, graph_id, exec_id):
+            method = wire.EVENT_METHODS[event["event_type"]]
+            frames.append(wire.push(method, key, json.dumps(event, separators=(",", ":")).encode()))
+    return frames
+
+
+def deflate(payload: bytes, level: int, library: Any = None) -> bytes:
+    """``payload`` compressed as the server does (:class:`Deflater`), or
+    with ``library`` (stdlib zlib, for reference), unframed."""
+    if library is None:
+        framed = Deflater(15, level, 0, Stats()).frame(payload)
+        return payload if framed is None else framed[2 + (2 if framed[1] == 126 else 8 if framed[1] == 127 else 0):]
+    compressor = library.compressobj(level, library.DEFLATED, -15, 8)
+    return (compressor.compress(payload) + compressor.flush(library.Z_SYNC_FLUSH))[:-4]
+
+
+def per_frame_us(frames: list[bytes], level: int, library: Any = None, repeat: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for payload in frames:
+            deflate(payload, level, library)
+        best = min(best, time.perf_counter() - start)
+    return best / len(frames) * 1e6
+
+
+def levels(args: argparse.Namespace) -> None:
+    frames = autogpt_frames(args.runs_levels)
+    raw = sum(map(len, frames))
+    sizes = sorted(map(len, frames))
+    print(f"{len(frames)} AutoGPT-like push frames, {raw / len(frames):.0f} bytes on average "
+          f"(median {sizes[len(sizes) // 2]}, largest {sizes[-1]})")
+    print("compressor  bytes out/in  smaller by  us per frame  us per KB in")
+    for name, library, level in [("ISA-L", None, n) for n in range(4)] + [("zlib", zlib, 1), ("zlib", zlib, 6)]:
+        out = sum(len(deflate(f, level, library)) for f in frames)
+        us = per_frame_us(frames, level, library)
+        print(f"{name:>7s} {level}  {out / raw:12.3f}  {raw / out:9.2f}x  {us:12.1f}  {us / (raw / len(frames) / 1024):12.2f}")
+    level = args.level
+    print(f"\nby kind of frame (ISA-L {level})")
+    kinds: dict[str, list[bytes]] = {}
+    for payload in frames:
+        data = json.loads(payload)["data"]
+        kinds.setdefault(f'{data["event_type"].split("_")[0]} {data["status"]}', []).append(payload)
+    for kind, group in sorted(kinds.items()):
+        size = sum(map(len, group))
+        print(f"{kind:20s} {size / len(group):6.0f} bytes  out/in {sum(len(deflate(f, level)) for f in group) / size:.3f}")
+    print(f"\nsmall frames (ISA-L {level}): what compressing saves per frame size (the first bytes of real frames)")
+    print("bytes      saved  us to compress")
+    rng = random.Random(3)
+    for low, high in ((64, 128), (128, 256), (256, 384), (384, 512), (512, 768), (768, 1024), (1024, 2048)):
+        picked = [f[:rng.randint(low, high - 1)] for f in frames if len(f) >= high]
+        saved = statistics.mean(1 - len(deflate(f, level)) / len(f) for f in picked)
+        print(f"{low:4d}-{high:<4d} {saved:6.0%}  {per_frame_us(picked, level):6.1f}")
+    print(f"\nthreshold  frames compressed  bytes out/in (ISA-L {level})")
+    for threshold in (0, 256, 512, 1024, 2048):
+        small = [f for f in frames if len(f) < threshold]
+        out = sum(map(len, small)) + sum(len(deflate(f, level)) for f in frames if len(f) >= threshold)
+        print(f"{threshold:9d}  {1 - len(small) / len(frames):17.0%}  {out / raw:12.3f}")
+
+
+# -- the server check ----------------------------------------------------------------
+
+
+class Browser:
+    """One raw client socket: upgrade (offering deflate or not), frames in,
+    one inflater for the socket's life (as browsers keep one)."""
+
+    def __init__(self, port: int, offer: str | None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        extra = f"Sec-WebSocket-Extensions: {offer}\r\n" if offer else ""
+        self.sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise RuntimeError("the server closed the upgrade")
+            head += chunk
+        head, self.buf = head.split(b"\r\n\r\n", 1)
+        self.deflate = b"permessage-deflate" in head
+        if offer and not self.deflate:
+            raise RuntimeError(f"deflate not negotiated: {head!r}")
+        self.inflater = zlib.decompressobj(-15)
+        self.sock.setblocking(False)
+        self.messages = 0
+        self.wire_bytes = 0
+        self.plain_bytes = 0
+        self.last = b""
+
+    def send(self, text: bytes) -> None:
+        rsv = 0
+        if self.deflate:  # a fresh compressor per message: client_no_context_takeover
+            text, rsv = deflate(text, 6, zlib), 0x40
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+        head = bytes((0x81 | rsv, 0x80 | len(text))) if len(text) < 126 else struct.pack("!BBH", 0x81 | rsv, 0xFE, len(text))
+        self.sock.setblocking(True)
+        self.sock.sendall(head + mask + masked)
+        self.sock.setblocking(False)
+
+    def read(self) -> None:
+        try:
+            while True:
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    raise RuntimeError("the server closed a socket")
+                self.wire_bytes += len(chunk)
+                self.buf += chunk
+                if len(chunk) < (1 << 20):
+                    break
+        except BlockingIOError:
+            pass
+        buf, pos = self.buf, 0
+        while len(buf) - pos >= 2:
+            first, size = buf[pos], buf[pos + 1] & 0x7F
+            head = 2
+            if size == 126:
+                if len(buf) - pos < 4:
+                    break
+                size, head = struct.unpack_from("!H", buf, pos + 2)[0], 4
+            elif size == 127:
+                if len(buf) - pos < 10:
+                    break
+                size, head = struct.unpack_from("!Q", buf, pos + 2)[0], 10
+            if len(buf) - pos < head + size:
+                break
+            payload = buf[pos + head:pos + head + size]
+            pos += head + size
+            if first & 0x40:
+                payload = self.inflater.decompress(payload + b"\x00\x00\xff\xff")
+            self.plain_bytes += len(payload)
+            self.messages += 1
+            self.last = payload
+        self.buf = buf[pos:]
+
+
+class Clients:
+    def __init__(self, port: int, count: int, offer: str | None) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.all: list[Browser] = []
+        for _ in range(count):
+            client = Browser(port, offer)
+            self.all.append(client)
+            self.selector.register(client.sock, selectors.EVENT_READ, client)
+
+    def pump(self, until: int, timeout: float = 120.0) -> None:
+        """Read until every socket has ``until`` messages."""
+        deadline = time.monotonic() + timeout
+        while any(c.messages < until for c in self.all):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out: {min(c.messages for c in self.all)} of {until} messages")
+            for key, _ in self.selector.select(1.0):
+                key.data.read()
+
+    def subscribe(self, exec_ids: list[str]) -> None:
+        for client, exec_id in zip(self.all, exec_ids):
+            client.send(json.dumps({"method": "subscribe_graph_execution", "data": {"graph_exec_id": exec_id}}).encode())
+        self.pump(1)
+        for client in self.all:
+            if b'"success":true' not in client.last:
+                raise RuntimeError(f"subscribe refused: {client.last!r}")
+
+    def close(self) -> None:
+        for client in self.all:
+            client.sock.close()
+        self.selector.close()
+
+
+class RedisPublisher:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+
+    def publish(self, items: list[tuple[str, bytes]]) -> None:
+        out = []
+        for channel, data in items:
+            name = channel.encode()
+            out.append(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(name), name, len(data), data))
+        self.sock.sendall(b"".join(out))
+        want, got = len(items), b""
+        while got.count(b"\r\n") < want:
+            got += self.sock.recv(65536)
+
+
+def envelopes(runs: int, exec_id: str, seed: int) -> list[bytes]:
+    """The events of ``runs`` runs, all addressed to ``exec_id`` of one graph."""
+    rng = random.Random(seed)
+    text = Text(rng)
+    out = []
+    for _ in range(runs):
+        out += [publish.envelope(e) for e in autogpt_run(rng, text, "graph-1", exec_id)]
+    return out
+
+
+def measure(port: int, redis: run.Redis, server: run.Server, offer: str | None, s: argparse.Namespace) -> dict[str, float]:
+    pub = RedisPublisher(redis.port)
+    res: dict[str, float] = {}
+    # memory: RSS per idle subscribed socket, then after twenty ~10 KB events to each
+    warm = Clients(port, 50, offer)
+    warm.subscribe(["warm"] * 50)
+    warm.close()
+    server.settle()
+    time.sleep(0.5)
+    before = run.rss_bytes(server.pid)
+    clients = Clients(port, s.sockets, offer)
+    ids = [f"exec-{i}" for i in range(s.sockets)]
+    clients.subscribe(ids)
+    server.settle()
+    time.sleep(1.0)
+    res["idle_kib"] = (run.rss_bytes(server.pid) - before) / s.sockets / 1024
+    rng = random.Random(11)
+    text = Text(rng)
+    for n in range(20):
+        event = publish.node_event(USER, "graph-1", "", "ne", "COMPLETED", output_data={"response": [text(9500)]})
+        batch = []
+        for exec_id in ids:
+            event["graph_exec_id"] = exec_id
+            batch.append((LAYOUT.classic_exec(USER, "graph-1", exec_id), publish.envelope(event)))
+        pub.publish(batch)
+        clients.pump(2 + n)  # the subscribe reply, then the events
+    server.settle()
+    time.sleep(1.0)
+    res["after_20_events_kib"] = (run.rss_bytes(server.pid) - before) / s.sockets / 1024
+    # CPU per delivery, fan-out: every socket on one execution
+    fan = envelopes(s.event_runs, "exec-fan", seed=5)
+    for client in clients.all:
+        client.send(json.dumps({"method": "subscribe_graph_execution", "data": {"graph_exec_id": "exec-fan"}}).encode())
+    done = 1 + 20 + 1
+    clients.pump(done)
+    wire0 = sum(c.wire_bytes for c in clients.all)
+    plain0 = sum(c.plain_bytes for c in clients.all)
+    server.settle()
+    cpu0 = server.cpu()
+    for start in range(0, len(fan), 10):
+        chunk = fan[start:start + 10]
+        pub.publish([(LAYOUT.classic_exec(USER, "graph-1", "exec-fan"), data) for data in chunk])
+        done += len(chunk)
+        clients.pump(done)
+    res["fanout_us"] = (server.cpu() - cpu0) / run.HZ / (len(fan) * s.sockets) * 1e6
+    res["wire_ratio"] = (sum(c.wire_bytes for c in clients.all) - wire0) / (sum(c.plain_bytes for c in clients.all) - plain0)
+    # CPU per delivery, one socket per execution: each frame compressed for one socket
+    own = envelopes(max(1, s.event_runs // 5), "", seed=6)
+    server.settle()
+    cpu0 = server.cpu()
+    for data in own:
+        event = json.loads(data)["payload"]
+        batch = []
+        for exec_id in ids:
+            event["id" if event["event_type"] == "graph_execution_update" else "graph_exec_id"] = exec_id
+            batch.append((LAYOUT.classic_exec(USER, "graph-1", exec_id), publish.envelope(event)))
+        pub.publish(batch)
+        done += 1
+        clients.pump(done)
+    res["single_us"] = (server.cpu() - cpu0) / run.HZ / (len(own) * s.sockets) * 1e6
+    clients.close()
+    pub.sock.close()
+    return res
+
+
+def server_check(args: argparse.Namespace) -> None:
+    run.raise_nofile()
+    logdir = tempfile.mkdtemp(prefix="autogpt-ws-deflate-")
+    redis = run.Redis(logdir)
+    results: dict[str, list[dict[str, float]]] = {"plain": [], "deflate": []}
+    try:
+        for i in range(args.runs):
+            for name, offer in (("plain", None), ("deflate", BROWSER_OFFER)):  # alternate: a slow spell hits both
+                port = run.free_port()
+                server = run.ours(port, redis, logdir, ["--set", f"deflate_level={args.level}",
+                                                        "--set", f"deflate_threshold={args.threshold}",
+                                                        "--set", "rate_limit=0", "--set", "ping_interval=0"])
+                try:
+                    res = measure(port, redis, server, offer, args)
+                finally:
+                    server.stop()
+                print(f"run {i + 1} {name:7s} " + "  ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)
+                results[name].append(res)
+    finally:
+        redis.stop()
+    print(f"\nmedians of {args.runs} runs, {args.sockets} sockets, level {args.level}, threshold {args.threshold}:")
+    print(f"{'':34s} {'plain':>10s} {'deflate':>10s} {'deflate/plain':>14s}")
+    rows = [("idle_kib", "memory per idle socket, KiB"), ("after_20_events_kib", "  after twenty 10 KB events, KiB"),
+            ("fanout_us", "CPU per delivery, fan-out, us"), ("single_us", "CPU per delivery, 1 per frame, us"),
+            ("wire_ratio", "bytes on the wire / bytes sent")]
+    for key, label in rows:
+        plain = statistics.median(r[key] for r in results["plain"])
+        comp = statistics.median(r[key] for r in results["deflate"])
+        print(f"{label:34s} {plain:10.3f} {comp:10.3f} {comp / plain:13.3f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("levels", "server"))
+    parser.add_argument("--runs-levels", type=int, default=40, help="levels: simulated runs")
+    parser.add_argument("--sockets", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--event-runs", type=int, default=10, help="server: simulated runs published to all sockets")
+    parser.add_argument("--level", type=int, default=1)
+    parser.add_argument("--threshold", type=int, default=512)
+    args = parser.parse_args()
+    levels(args) if args.what == "levels" else server_check(args)
+
+
+if __name__ == "__main__":
+    main()
