@@ -441,6 +441,35 @@ class Faults(TestCase):
         yield wait_for(lambda: len(redis_clients(redis)) == 1)
 
     @inlineCallbacks
+    def test_a_busy_server_keeps_its_subscription(self) -> Any:
+        """The answer to the keepalive PING comes after every message Redis
+        queued before it: a server still reading a long backlog past the
+        ping timeout is busy, not cut off, and must not drop (and lose) its
+        subscription."""
+        redis = redis_server(self)
+        redis.command("CONFIG", "SET", "client-output-buffer-limit", "pubsub 0 0 0")
+        server = WebsocketServer(bus_settings(redis.port), reactor=reactor)
+        server.bus.ping_interval = 0.02
+        server.bus.ping_timeout = 0.1
+        server.privilegedStartService()
+        server.startService()
+        self.addCleanup(lambda: server.stopService() if server.running else None)
+        yield wait_for(lambda: server.ready()[0])
+        count = 300_000
+        envelope = publish.envelope(publish.node_event("nobody", "g", "e", "n", "RUNNING"))
+        channel = LAYOUT.classic_exec("nobody", "g", "e")
+        command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            len(channel), channel.encode(), len(envelope), envelope)
+        flood = subprocess.Popen(["redis-cli", "-p", str(redis.port), "--pipe"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        flood.stdin.write(command * count)  # type: ignore[union-attr]
+        flood.stdin.close()  # type: ignore[union-attr]
+        yield wait_for(lambda: server.stats.events_ignored == count or server.stats.bus_reconnects, timeout=60)
+        flood.wait(10)
+        self.assertEqual((server.stats.bus_reconnects, server.stats.events_ignored), (0, count))
+        self.assertTrue(server.ready()[0])
+
+    @inlineCallbacks
     def test_stop_abandons_an_attempt_in_flight(self) -> Any:
         """Stopping while the handshake waits closes that connection."""
         silent = SilentServer(self)

@@ -277,7 +277,7 @@ class RedisBus(Service):
         self._timers.pop("ping", None)
         if conn is not self._conn:
             return
-        self._later("pong", self.ping_timeout, self._abort, conn, f"no reply to PING within {self.ping_timeout:g}s")
+        self._later("pong", self.ping_timeout, self._pong_late, conn, conn.reads)
 
         def pong(_: Any) -> None:
             self._cancel("pong")
@@ -285,6 +285,15 @@ class RedisBus(Service):
                 self._later("ping", self.ping_interval, self._ping, conn)
 
         conn.command("PING").addCallbacks(pong, lambda _: None)
+
+    def _pong_late(self, conn: Connection, reads: int) -> None:
+        """No answer to PING yet: a dead connection, unless data still
+        arrives (the answer waits behind a backlog this server is still
+        reading: a busy server must not drop a live subscription)."""
+        if conn.reads != reads:
+            self._later("pong", self.ping_timeout, self._pong_late, conn, conn.reads)
+        else:
+            self._abort(conn, f"no reply to PING within {self.ping_timeout:g}s")
 
     def _abort(self, conn: Connection, reason: str) -> None:
         conn.abort_reason = reason

@@ -80,6 +80,7 @@ class RedisProtocol(Protocol):
         # path: watch it with addBoth (or addErrback), never addCallback
         self.lost: Deferred[Failure] = Deferred()
         self.connected = False
+        self.reads = 0  # data arrivals: a keepalive PING's answer may wait behind a backlog
 
     # -- commands ---------------------------------------------------------
 
@@ -114,6 +115,7 @@ class RedisProtocol(Protocol):
         # hiredis compacts its buffer (a memmove of everything unread) each
         # time 1 KiB of it has been parsed, so one big feed costs time
         # quadratic in its size; slices of FEED_SIZE keep that copy small
+        self.reads += 1
         size = len(data)
         feed = self._reader.feed
         for offset in range(0, size, FEED_SIZE):

@@ -251,7 +251,7 @@ class ShardLink:
         conn = self.conn
         if conn is None:
             return
-        self._ping_deadline = self.reactor.callLater(self.ping_timeout, self._ping_late, conn)
+        self._ping_deadline = self.reactor.callLater(self.ping_timeout, self._ping_late, conn, conn.reads)
 
         def answered(result: object) -> None:
             if self._ping_deadline is not None and self._ping_deadline.active():
@@ -261,7 +261,10 @@ class ShardLink:
 
         conn.command("PING").addBoth(answered)
 
-    def _ping_late(self, conn: RedisProtocol) -> None:
+    def _ping_late(self, conn: RedisProtocol, reads: int) -> None:
+        if conn.reads != reads:  # the answer waits behind a backlog still being read: alive
+            self._ping_deadline = self.reactor.callLater(self.ping_timeout, self._ping_late, conn, conn.reads)
+            return
         log.warn("shard node {node} did not answer PING in {timeout}s; reconnecting",
                  node=self.name, timeout=self.ping_timeout)
         if conn.transport is not None:
