@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import run  # noqa: E402
+import procs  # noqa: E402
 
 
 def summarize(path: str, top: int) -> None:
@@ -55,15 +55,15 @@ def main() -> int:
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--ours-arg", action="append", default=[])
     args = p.parse_args()
-    spy = shutil.which("py-spy") or os.path.join(run.ROOT, ".venv", "bin", "py-spy")
-    os.makedirs(run.RESULTS, exist_ok=True)
-    logdir = os.path.join(run.RESULTS, "logs-profile")
+    spy = shutil.which("py-spy") or os.path.join(procs.ROOT, ".venv", "bin", "py-spy")
+    os.makedirs(procs.RESULTS, exist_ok=True)
+    logdir = os.path.join(procs.RESULTS, "logs-profile")
     os.makedirs(logdir, exist_ok=True)
-    run.raise_nofile()
-    redis = run.Redis(logdir)
-    server = run.ours(run.free_port(), redis, logdir, args.ours_arg)
-    client = run.Client(server, redis)
-    out_path = os.path.join(run.RESULTS, f"profile-{args.scenario}.txt")
+    procs.raise_nofile()
+    redis = procs.Redis(logdir)
+    server = procs.ours(procs.free_port(), redis, logdir, args.ours_arg)
+    client = procs.Client(server, redis)
+    out_path = os.path.join(procs.RESULTS, f"profile-{args.scenario}.txt")
     try:
         if args.scenario != "setup":
             client.run(cmd="open", n=args.conns, channels=10, conc=200)
@@ -72,7 +72,7 @@ def main() -> int:
         spy_cmd = [spy, "record", "--pid", str(server.pid), "--rate", "500", "--format", "raw", "-o", out_path, "--nonblocking"]
         if args.native:
             spy_cmd.append("--native")
-        recorder = subprocess.Popen(run.pinned(run.CLIENT_CORE, spy_cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        recorder = subprocess.Popen(procs.pinned(procs.CLIENT_CORE, spy_cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
         if args.scenario == "burst":
             out = client.run(cmd="burst", events=args.events, channels=10)
