@@ -20,8 +20,9 @@
 //       open n sockets, each subscribes to <prefix><i % channels>; with
 //       deflate, the upgrade offers permessage-deflate exactly as Chromium
 //       does, and every compressed frame is inflated
-//   {"cmd":"burst","events":1000,"channels":10,"rate":0,"event":"pad","size":200,"verify":false}
-//       publish (rate 0: at once; else events/s), wait for every delivery.
+//   {"cmd":"burst","events":1000,"channels":10,"rate":0,"event":"pad","size":200,"group":1,"verify":false}
+//       publish (rate 0: at once; else events/s), wait for every delivery;
+//       event j goes to execution floor(j / group) % channels.
 //       event "pad": today's small node event (a `size`-byte pad);
 //       "autogpt": an AutoGPT-like node event with `size` bytes of text.
 //       verify: every delivery is parsed as JSON and compared with what was
@@ -510,18 +511,22 @@ function quantiles() {
 const yieldNow = () => new Promise((r) => setImmediate(r));
 
 // burst (rate 0) or steady rate (events/s)
-async function burst({ events, channels, rate = 0, timeout = 120, event = 'pad', size = 200, pad, prefix = 'exec-', verify: check = false }) {
+async function burst({ events, channels, rate = 0, timeout = 120, event = 'pad', size = 200, pad, prefix = 'exec-', group = 1,
+  verify: check = false }) {
   if (pad !== undefined) size = pad;
+  // event j goes to execution floor(j / group) % channels: one after the
+  // other (group 1), or `group` events in a row to each
+  const execOf = (j) => `${prefix}${Math.floor(j / group) % channels}`;
   const subs = subscribersPerExec();
   let expected = 0;
-  for (let j = 0; j < events; j++) expected += subs.get(`${prefix}${j % channels}`) ?? 0;
+  for (let j = 0; j < events; j++) expected += subs.get(execOf(j)) ?? 0;
   received = 0; latN = 0; wireBytes = 0; payloadBytes = 0;
   const errors0 = inflateErrors, pubErrors0 = publishErrors;
   verifying = check ? new Map() : null;
   Object.assign(verify, { checked: 0, mismatched: 0, first: null });
   const filler = 'x'.repeat(size);
   const one = (j) => {
-    const exec = `${prefix}${j % channels}`, graph = graphOf(exec);
+    const exec = execOf(j), graph = graphOf(exec);
     const payload = event === 'autogpt' ? autogptEvent(USER, graph, exec, j, now(), size) : nodeEvent(USER, graph, exec, j, now(), filler);
     if (verifying) { const e = JSON.parse(payload).payload; verifying.set(e.node_exec_id, canonical(e)); }
     publishEvent(exec, graph, payload);
