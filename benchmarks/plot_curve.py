@@ -1,5 +1,6 @@
 """Draw the cost curve (benchmarks/curve.py's JSON) as a PNG: four panels
-against the number of subscribed sockets, one line per kind of client.
+against the number of subscribed sockets, one line per kind of client;
+every panel is per socket or per delivery, so linear growth is a flat line.
 
     python plot_curve.py results/curve-<time>.json curve.png
 
@@ -16,11 +17,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# (title, [(row key, line label, style)]); a flat line is linear growth
 PANELS = [
-    ("kib_per_socket", "memory per idle subscribed socket (KiB)"),
-    ("burst_us_per_delivery", "fan-out burst: server CPU per delivery (µs)"),
-    ("rate_p99_ms", "steady rate: p99 publish->delivery (ms)"),
-    ("idle_cpu_pct", "idle server CPU (% of a core)"),
+    ("memory per idle subscribed socket (KiB)", [("kib_per_socket", "", "-")]),
+    ("server CPU per delivery (µs)", [("burst_us_per_delivery", "burst", "-"), ("rate_us_per_delivery", "steady", "--")]),
+    ("steady rate: p99 publish->delivery (ms)", [("rate_p99_ms", "", "-")]),
+    ("idle server CPU per 1,000 sockets (% of a core)", [("idle_cpu_per_1k", "", "-")]),
 ]
 
 
@@ -28,14 +30,18 @@ def main(source: str, target: str) -> None:
     with open(source) as handle:
         report = json.load(handle)
     rows = report["rows"]
+    for r in rows:
+        r["idle_cpu_per_1k"] = r["idle_cpu_pct"] * 1000 / r["sockets"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for ax, (key, title) in zip(axes.flat, PANELS):
-        for kind in dict.fromkeys(r["client"] for r in rows):
-            mine = sorted((r["sockets"], r[key]) for r in rows if r["client"] == kind and r.get(key) is not None)
-            if mine:
-                rate = next(r["rate_deliveries_per_s"] for r in rows if r["client"] == kind)
-                label = f"{kind} clients" + (f" at {rate:,.0f} deliveries/s" if key == "rate_p99_ms" else "")
-                ax.plot([x for x, _ in mine], [y for _, y in mine], marker="o", label=label)
+    for ax, (title, series) in zip(axes.flat, PANELS):
+        for color, kind in enumerate(dict.fromkeys(r["client"] for r in rows)):
+            rate = next(r["rate_deliveries_per_s"] for r in rows if r["client"] == kind)
+            for key, what, style in series:
+                mine = sorted((r["sockets"], r[key]) for r in rows if r["client"] == kind and r.get(key) is not None)
+                label = f"{kind} clients" + (f", {what}" if what else "")
+                if key.startswith("rate_"):
+                    label += f" ({rate:,.0f} deliveries/s)"
+                ax.plot([x for x, _ in mine], [y for _, y in mine], style, color=f"C{color}", marker="o", label=label)
         ax.set_xscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("subscribed sockets (one process)")
