@@ -156,11 +156,12 @@ function recordLatency(v) {
   lat[latN++] = v;
 }
 const FIVE_KEYS = 'method,data,success,channel,error';
-// JSON with every object's keys sorted: the event as published and as
-// delivered compare equal whatever order a server writes the keys in (the
-// peers re-model events with pydantic; ours forwards the producer's bytes)
+// JSON with every object's keys sorted and null-valued keys left out: the
+// event as published and as delivered compare equal whatever order a server
+// writes the keys in, and whether it adds the optional keys its model has
+// (the peers re-model events with pydantic; ours forwards the producer's bytes)
 const sorted = (v) => (Array.isArray(v) ? v.map(sorted) : v && typeof v === 'object'
-  ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, sorted(v[k])])) : v);
+  ? Object.fromEntries(Object.keys(v).sort().filter((k) => v[k] !== null).map((k) => [k, sorted(v[k])])) : v);
 const canonical = (v) => JSON.stringify(sorted(v));
 function check(conn, payload) {
   let ok = false;
