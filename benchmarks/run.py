@@ -46,23 +46,38 @@ RESULTS = procs.RESULTS
 
 # -- the tables ----------------------------------------------------------------
 
-# key, label, unit, better ("high"/"low"), format; {rate}, {conns}, ... are sizes
-ROWS = [
+# key, label, unit, better ("high"/"low"), format; {rate}, {conns}, ... are
+# filled in from the sizes (the rate: each table's own)
+BURST = [
     ("burst_msgs_per_s", "fan-out burst, delivered msgs/s", "msg/s", "high", "{:,.0f}"),
     ("burst_deliveries_per_cpu_s", "fan-out burst, deliveries per server CPU-s", "msg/cpu-s", "high", "{:,.0f}"),
     ("burst_server_cpu_pct", "  server core busy during burst", "%", "", "{:.0f}"),
     ("burst_client_cpu_pct", "  client core busy during burst (client+redis)", "%", "", "{:.0f}"),
     ("burst_client_capacity", "  client core capacity (deliveries per client+redis CPU-s)", "msg/cpu-s", "", "{:,.0f}"),
+]
+RATE = [
     ("rate_p50_ms", "steady {rate} deliveries/s: p50 publish->delivery", "ms", "low", "{:.2f}"),
     ("rate_p99_ms", "steady {rate} deliveries/s: p99 publish->delivery", "ms", "low", "{:.2f}"),
     ("rate_server_cpu_pct", "  server core busy at {rate}/s", "%", "low", "{:.0f}"),
     ("rate_client_cpu_pct", "  client core busy at {rate}/s", "%", "", "{:.0f}"),
-    ("idle_kb_per_socket", "memory per idle subscribed socket", "KiB", "low", "{:.1f}"),
-    ("ignored_us_per_event", "CPU per ignored event", "us", "low", "{:.2f}"),
-    ("ignored_client_cpu_pct", "  client core busy while publishing them", "%", "", "{:.0f}"),
+]
+IDLE = [("idle_kb_per_socket", "memory per idle subscribed socket", "KiB", "low", "{:.1f}")]
+SETUP = [
     ("setup_per_cpu_s", "connection setup (handshake+subscribe) per server CPU-s", "conn/cpu-s", "high", "{:,.0f}"),
     ("setup_per_s", "  connection setup rate, wall clock", "conn/s", "high", "{:,.0f}"),
     ("setup_client_cpu_pct", "  client core busy during setup", "%", "", "{:.0f}"),
+]
+
+
+def prefixed(prefix: str, rows: list[Any]) -> list[Any]:
+    return [(prefix + key, *rest) for key, *rest in rows]
+
+
+ROWS = [
+    *BURST, *RATE, *IDLE,
+    ("ignored_us_per_event", "CPU per ignored event", "us", "low", "{:.2f}"),
+    ("ignored_client_cpu_pct", "  client core busy while publishing them", "%", "", "{:.0f}"),
+    *SETUP,
     ("storm_all_back_s", "reconnect storm: all back and subscribed after", "s", "low", "{:.2f}"),
     ("w1_msgs_per_s", "workers: 1 worker, burst msgs/s", "msg/s", "high", "{:,.0f}"),
     ("w2_msgs_per_s", "workers: 2 workers, burst msgs/s", "msg/s", "high", "{:,.0f}"),
@@ -71,11 +86,7 @@ ROWS = [
 ]
 
 DEFLATE_ROWS = [
-    ("deflate_burst_msgs_per_s", "fan-out burst, delivered msgs/s", "msg/s", "high", "{:,.0f}"),
-    ("deflate_burst_deliveries_per_cpu_s", "fan-out burst, deliveries per server CPU-s", "msg/cpu-s", "high", "{:,.0f}"),
-    ("deflate_burst_server_cpu_pct", "  server core busy during burst", "%", "", "{:.0f}"),
-    ("deflate_burst_client_cpu_pct", "  client core busy during burst (client+redis)", "%", "", "{:.0f}"),
-    ("deflate_burst_client_capacity", "  client core capacity (deliveries per client+redis CPU-s)", "msg/cpu-s", "", "{:,.0f}"),
+    *prefixed("deflate_", BURST),
     ("deflate_burst_client_us", "  load client CPU per delivery (inflating every frame)", "us", "", "{:.1f}"),
     ("deflate_plain_burst_deliveries_per_cpu_s", "  same events, plain clients: deliveries per server CPU-s",
      "msg/cpu-s", "high", "{:,.0f}"),
@@ -84,43 +95,27 @@ DEFLATE_ROWS = [
     ("deflate_wire_bytes", "bytes on the wire per delivery", "B", "low", "{:,.0f}"),
     ("deflate_plain_wire_bytes", "  same events, plain clients", "B", "low", "{:,.0f}"),
     ("deflate_wire_vs_plain", "  compression: plain / deflate bytes on the wire", "x", "high", "{:.2f}"),
-    ("deflate_rate_p50_ms", "steady {deflate_rate} deliveries/s: p50 publish->delivery", "ms", "low", "{:.2f}"),
-    ("deflate_rate_p99_ms", "steady {deflate_rate} deliveries/s: p99 publish->delivery", "ms", "low", "{:.2f}"),
-    ("deflate_rate_server_cpu_pct", "  server core busy at {deflate_rate}/s", "%", "low", "{:.0f}"),
-    ("deflate_rate_client_cpu_pct", "  client core busy at {deflate_rate}/s", "%", "", "{:.0f}"),
-    ("deflate_idle_kb_per_socket", "memory per idle subscribed socket", "KiB", "low", "{:.1f}"),
+    *prefixed("deflate_", RATE),
+    *prefixed("deflate_", IDLE),
     ("deflate_idle_vs_plain", "  deflate / plain clients (memory row of the first table)", "x", "low", "{:.2f}"),
     ("deflate_history_kb_per_socket", "memory per socket after {history} events of {history_kb} KB", "KiB", "low",
      "{:.1f}"),
-    ("deflate_setup_per_cpu_s", "connection setup (handshake+subscribe) per server CPU-s", "conn/cpu-s", "high",
-     "{:,.0f}"),
-    ("deflate_setup_per_s", "  connection setup rate, wall clock", "conn/s", "high", "{:,.0f}"),
-    ("deflate_setup_client_cpu_pct", "  client core busy during setup", "%", "", "{:.0f}"),
+    *prefixed("deflate_", SETUP),
 ]
 
 CLUSTER_ROWS = [
-    ("cluster_burst_msgs_per_s", "fan-out burst, delivered msgs/s", "msg/s", "high", "{:,.0f}"),
-    ("cluster_burst_deliveries_per_cpu_s", "fan-out burst, deliveries per server CPU-s", "msg/cpu-s", "high", "{:,.0f}"),
-    ("cluster_burst_server_cpu_pct", "  server core busy during burst", "%", "", "{:.0f}"),
-    ("cluster_burst_client_cpu_pct", "  client core busy during burst (client+3 redis)", "%", "", "{:.0f}"),
-    ("cluster_burst_client_capacity", "  client core capacity (deliveries per client+redis CPU-s)", "msg/cpu-s", "",
-     "{:,.0f}"),
-    ("cluster_rate_p50_ms", "steady {cluster_rate} deliveries/s: p50 publish->delivery", "ms", "low", "{:.2f}"),
-    ("cluster_rate_p99_ms", "steady {cluster_rate} deliveries/s: p99 publish->delivery", "ms", "low", "{:.2f}"),
-    ("cluster_rate_server_cpu_pct", "  server core busy at {cluster_rate}/s", "%", "low", "{:.0f}"),
-    ("cluster_rate_client_cpu_pct", "  client core busy at {cluster_rate}/s", "%", "", "{:.0f}"),
-    ("cluster_idle_kb_per_socket", "memory per idle subscribed socket", "KiB", "low", "{:.1f}"),
-    ("cluster_setup_per_cpu_s", "connection setup incl. the lookup, per server CPU-s", "conn/cpu-s", "high", "{:,.0f}"),
-    ("cluster_setup_per_s", "  connection setup rate, wall clock", "conn/s", "high", "{:,.0f}"),
-    ("cluster_setup_client_cpu_pct", "  client core busy during setup", "%", "", "{:.0f}"),
+    *prefixed("cluster_", BURST), *prefixed("cluster_", RATE), *prefixed("cluster_", IDLE),
+    *prefixed("cluster_", SETUP),
     ("cluster_redis_conns", "Redis connections held at {conns} sockets", "conns", "low", "{:,.0f}"),
 ]
 
+# title, rows, the steady rate of that table (a Sizes field)
 TABLES = [
-    ("Plain clients, classic bus (peer: peer_upstream.py)", ROWS),
-    ("Deflate clients (Chromium's offer), classic bus, AutoGPT-like events (peer: peer_upstream.py)", DEFLATE_ROWS),
-    ("Cluster bus (SPUBLISH, lookup per execution subscribe), plain clients (peer: peer_upstream_sharded.py)",
-     CLUSTER_ROWS),
+    ("Plain clients, classic bus (peer: peer_upstream.py)", ROWS, "rate_deliveries"),
+    ("Deflate clients (Chromium's offer), classic bus, AutoGPT-like events (peer: peer_upstream.py)", DEFLATE_ROWS,
+     "deflate_rate_deliveries"),
+    ("Cluster bus (SPUBLISH, a database lookup per execution subscribe), plain clients "
+     "(peer: peer_upstream_sharded.py)", CLUSTER_ROWS, "cluster_rate_deliveries"),
 ]
 
 # derived rows: one server's ratio of two of its own medians
@@ -165,12 +160,11 @@ def derive(results: dict[str, dict[str, list[float]]]) -> None:
                 result[key] = [a / b]
 
 
-def table(results: dict[str, dict[str, list[float]]], sizes: Sizes, rows: list[Any]) -> str:
+def table(results: dict[str, dict[str, list[float]]], sizes: Sizes, rows: list[Any], rate: str) -> str:
     names = list(results)
     mine = [n for n in names if n != "peer"] if "peer" in results else []
     head = ["metric", "unit"] + names + [f"{n}/peer" for n in mine]
-    fill = {"rate": f"{sizes.rate_deliveries // 1000}k", "deflate_rate": f"{sizes.deflate_rate_deliveries // 1000}k",
-            "cluster_rate": f"{sizes.cluster_rate_deliveries // 1000}k", "conns": f"{sizes.conns:,}",
+    fill = {"rate": f"{getattr(sizes, rate) // 1000}k", "conns": f"{sizes.conns:,}",
             "history": sizes.history_events, "history_kb": f"{(sizes.history_size * 1.34) / 1000:.0f}"}
     lines = []
     for key, label, unit, better, fmt in rows:
@@ -395,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             database.drop()
     load_after = os.getloadavg()
     derive(results)
-    text = "\n\n".join(f"{title}\n\n{body}" for title, rows in TABLES if (body := table(results, sizes, rows)))
+    text = "\n\n".join(f"{title}\n\n{body}" for title, rows, rate in TABLES if (body := table(results, sizes, rows, rate)))
     goals = targets(results)
     log("")
     log(text)

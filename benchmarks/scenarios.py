@@ -41,7 +41,7 @@ class Sizes:
     event_size: int = 2000     # bytes of text in an AutoGPT-like node event (about 3.4 KB in all)
     deflate_burst_events: int = 300
     deflate_rate_deliveries: int = 5000
-    deflate_idle_conns: int = 5000
+    deflate_idle_conns: int = 2000
     history_events: int = 20   # events each idle socket then receives ...
     history_size: int = 10000  # ... of this much text (about 13 KB each)
     # cluster bus
@@ -255,14 +255,21 @@ def memory(make: Callable[[], Server], bus: Redis | RedisCluster, s: Sizes, log:
                 f"{kb:.1f} KiB per socket")
             res[prefix + "idle_kb_per_socket"].append(kb)
             if history:
-                sent = c.run(cmd="burst", events=s.history_events * s.channels, channels=s.channels, size=s.history_size,
-                             timeout=600, **AUTOGPT)
+                # one event per execution at a time: a server slow to
+                # compress is never handed a backlog of many seconds (behind
+                # which its bus connection's PING reply would wait)
+                got = size = 0
+                for _ in range(s.history_events):
+                    sent = c.run(cmd="burst", events=s.channels, channels=s.channels, size=s.history_size,
+                                 timeout=600, **AUTOGPT)
+                    got += sent["received"]
+                    size = sent["payload_bytes"] // max(sent["received"], 1)
                 server.settle()
                 time.sleep(2.0)
                 later = rss_bytes(server.pid)
                 kb = (later - before) / n / 1024
-                log(f"  {prefix}memory {i + 1}: after {sent['received'] // n} events of {sent['payload_bytes'] // max(sent['received'], 1):,} "
-                    f"bytes each, RSS {later / 2**20:.1f} MiB, {kb:.1f} KiB per socket")
+                log(f"  {prefix}memory {i + 1}: after {got / n:.0f} events of {size:,} bytes each, "
+                    f"RSS {later / 2**20:.1f} MiB, {kb:.1f} KiB per socket")
                 res[prefix + "history_kb_per_socket"].append(kb)
         finally:
             c.close()

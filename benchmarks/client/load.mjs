@@ -120,9 +120,13 @@ function parseAgreed(head) {
     const [k, v] = p.split('=').map((s) => s.trim());
     if (k === 'server_no_context_takeover') agreed.serverNoContext = true;
     else if (k === 'client_no_context_takeover') agreed.clientNoContext = true;
-    else if (k === 'server_max_window_bits') agreed.serverBits = +v;
-    else if (k === 'client_max_window_bits') agreed.clientBits = +v;
+    else if (k === 'server_max_window_bits') agreed.serverBits = +v || 15;
+    else if (k === 'client_max_window_bits') agreed.clientBits = +v || 15;
   }
+  // zlib takes 9..15 (a window of 8 bits is read with 9: a bigger window
+  // inflates whatever a smaller one compressed)
+  agreed.serverBits = Math.min(15, Math.max(9, agreed.serverBits));
+  agreed.clientBits = Math.min(15, Math.max(9, agreed.clientBits));
   return agreed;
 }
 
@@ -140,7 +144,7 @@ function sharedInflater(bits) {
 // Each is compressed on its own: valid with or without client context
 // takeover, and a client sends only a subscribe per socket here.
 function deflateMessage(text, bits) {
-  const out = zlib.deflateRawSync(Buffer.from(text), { windowBits: Math.max(bits, 9), finishFlush: Z_SYNC_FLUSH });
+  const out = zlib.deflateRawSync(Buffer.from(text), { windowBits: bits, finishFlush: Z_SYNC_FLUSH });
   return out.subarray(0, out.length - 4);
 }
 
