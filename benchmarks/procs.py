@@ -493,11 +493,14 @@ class Client:
     """The load agent, pinned to the client core; one JSON line per command.
     ``bus`` is the Redis or the Redis Cluster it publishes to."""
 
+    # more arguments for every load client (run.py --inflate-cache)
+    extra_args: list[str] = []
+
     def __init__(self, server: Server, bus: Redis | RedisCluster, sources: int = 1, probe: dict[str, Any] | None = None) -> None:
         self.server = server
         self.redis = bus
         self.proc = subprocess.Popen(pinned(CLIENT_CORE, ["node", CLIENT, "--port", str(server.port), *bus.client_args,
-                                                          "--sources", str(sources)]),
+                                                          "--sources", str(sources), *self.extra_args]),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         ready = self._read()
         assert ready.get("ready"), ready

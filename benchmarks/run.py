@@ -249,12 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ours-arg", action="append", default=[], help="extra argument for our server (repeatable), "
                                                                       "e.g. --ours-arg=--set --ours-arg=catchup_enabled=false")
     p.add_argument("--no-ours", action="store_true", help="skip our server as it is")
+    p.add_argument("--inflate-cache", action="store_true",
+                   help="deflate clients do not inflate again a frame equal to one of the last 32 they inflated "
+                        "without context (exact, but not what a browser does): is inflating what limits a burst?")
     for f in Sizes.__dataclass_fields__:
         if f != "runs":
             p.add_argument("--" + f.replace("_", "-"), type=type(getattr(Sizes(), f)), help=f"(default {getattr(Sizes(), f)})")
     args = p.parse_args(argv)
 
     procs.SERVER_CORE, procs.CLIENT_CORE = args.server_core, args.client_core
+    if args.inflate_cache:
+        Client.extra_args = ["--inflate-cache", "1"]
     if args.workers_quota:
         why = can_cap_cpu()
         if why:

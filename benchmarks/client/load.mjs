@@ -51,6 +51,11 @@ const RETRY_MS = 1000; // the AutoGPT frontend reconnects 1 s after a failure
 // floor(i / channels) % (100 / SAMPLE_PCT) == 0); the others only count frames
 const SAMPLE_EVERY = Math.round(100 / +(args.sample ?? 10));
 const OPEN_TIMEOUT_MS = +(args['open-timeout'] ?? 10000);
+// --inflate-cache 1: where the server keeps no compression context, a frame
+// byte for byte equal to one of the last few inflates to the same payload,
+// so it is not inflated again.  Exact, but not what a browser does: off by
+// default, for checking whether inflating is what limits a burst.
+const INFLATE_CACHE = args['inflate-cache'] === '1';
 
 const now = () => performance.now();
 const T_MARK = Buffer.from('"t":');
@@ -138,6 +143,17 @@ function sharedInflater(bits) {
   if (!z || z.destroyed) { z = newInflater(bits); sharedInflaters.set(bits, z); }
   z.reset();
   return z;
+}
+
+// --inflate-cache: the last 32 frames inflated without context, and what they gave
+const cache = [];
+function cachedInflate(bits, data) {
+  for (const entry of cache) if (entry.bits === bits && entry.data.equals(data)) return entry.payload;
+  const payload = inflate(sharedInflater(bits), data);
+  if (payload === null) return null;
+  cache.unshift({ bits, data: Buffer.from(data), payload: Buffer.from(payload) });
+  if (cache.length > 32) cache.pop();
+  return cache[0].payload;
 }
 
 // a client message compressed as RFC 7692 says (sync flush, tail removed).
@@ -257,7 +273,9 @@ class Conn {
         }
         if (op === 0 && this.frag) { this.frag.push(payload); payload = Buffer.concat(this.frag); rsv1 = this.fragRsv1; this.frag = null; }
         if (rsv1) {
-          payload = this.agreed && !this.agreed.unknown ? inflate(this.inflater ?? sharedInflater(this.agreed.serverBits), payload) : null;
+          const agreed = this.agreed;
+          payload = !agreed || agreed.unknown ? null : this.inflater ? inflate(this.inflater, payload)
+            : INFLATE_CACHE ? cachedInflate(agreed.serverBits, payload) : inflate(sharedInflater(agreed.serverBits), payload);
           if (payload === null) { inflateErrors++; off = end; continue; }
         }
         this.message(payload);
