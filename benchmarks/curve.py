@@ -19,7 +19,9 @@ executions), and is measured:
   server CPU / deliveries;
 - a steady rate of --rate deliveries/s (--deflate-rate for deflate
   clients): p50/p99 publish-to-delivery latency, and the server CPU per
-  delivery over it, less the idle CPU of the same time.
+  delivery over it, less the idle CPU of the same time;
+- the server's full garbage collections once the sockets are open: how
+  many, and the longest pause (the server runs under gclog.py).
 
 Prints a table, writes benchmarks/results/curve-<time>.json and draws
 benchmarks/curve.png (matplotlib, in a venv of its own:
@@ -54,7 +56,8 @@ def point(n: int, kind: str, redis: Redis, logdir: str, args: argparse.Namespace
           log: Any) -> dict[str, Any]:
     deflate = kind == "deflate"
     channels = max(1, n // PER_EXECUTION)
-    server = ours(free_port(), redis, logdir, args.ours_arg)
+    gc_log = os.path.join(logdir, f"gc-{n}-{kind}.log")
+    server = ours(free_port(), redis, logdir, args.ours_arg, gc_log=gc_log)
     client = Client(server, redis, sources=math.ceil(n / PORTS_PER_SOURCE), probe={"deflate": deflate})
     row: dict[str, Any] = {"sockets": n, "client": kind}
     try:
@@ -70,6 +73,7 @@ def point(n: int, kind: str, redis: Redis, logdir: str, args: argparse.Namespace
         time.sleep(2.0)
         after = rss_bytes(server.pid)
         row["open_s"] = opened["secs"]
+        opened_at = time.time()
         row["kib_per_socket"] = (after - before) / n / 1024
         row["rss_mib"] = after / 2**20
 
@@ -99,11 +103,14 @@ def point(n: int, kind: str, redis: Redis, logdir: str, args: argparse.Namespace
         busy = out["server_cpu_s"] - idle_share * out["server_wall_s"]
         row["rate_us_per_delivery"] = busy / max(out["received"], 1) * 1e6
         row["client_cpu_pct"] = 100 * out["cpu_ms"] / 1000 / out["server_wall_s"]
+        full = [float(ms) for at, generation, ms in (line.split() for line in open(gc_log))
+                if generation == "2" and float(at) > opened_at]
+        row["gc_full_count"], row["gc_full_max_ms"] = len(full), max(full, default=0.0)
         log(f"  {n:>7,} {kind:<7} {row['kib_per_socket']:6.1f} KiB/socket (RSS {row['rss_mib']:,.0f} MiB), "
             f"idle {row['idle_cpu_pct']:4.1f}% core, burst {row['burst_us_per_delivery']:5.2f} us/delivery "
             f"({row['burst_msgs_per_s']:,}/s), steady {row['rate_deliveries_per_s']:,.0f}/s: "
             f"{row['rate_us_per_delivery']:5.2f} us/delivery, p50 {row['rate_p50_ms']} p99 {row['rate_p99_ms']} ms, "
-            f"client {row['client_cpu_pct']:.0f}%")
+            f"client {row['client_cpu_pct']:.0f}%, {len(full)} full collections, the longest {row['gc_full_max_ms']:.0f} ms")
     finally:
         client.close()
         server.stop()
@@ -115,7 +122,8 @@ COLUMNS = [
     ("rss_mib", "RSS MiB", "{:,.0f}"), ("idle_cpu_pct", "idle CPU %", "{:.1f}"),
     ("burst_us_per_delivery", "burst us/delivery", "{:.2f}"), ("rate_deliveries_per_s", "steady rate/s", "{:,.0f}"),
     ("rate_us_per_delivery", "steady us/delivery", "{:.2f}"), ("rate_p50_ms", "p50 ms", "{:.2f}"),
-    ("rate_p99_ms", "p99 ms", "{:.2f}"),
+    ("rate_p99_ms", "p99 ms", "{:.2f}"), ("gc_full_count", "full GCs", "{}"),
+    ("gc_full_max_ms", "longest full GC ms", "{:.0f}"),
 ]
 
 

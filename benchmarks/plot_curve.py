@@ -1,4 +1,4 @@
-"""Draw the cost curve (benchmarks/curve.py's JSON) as a PNG: four panels
+"""Draw the cost curve (benchmarks/curve.py's JSON) as a PNG: six panels
 against the number of subscribed sockets, one line per kind of client;
 every panel is per socket or per delivery, so linear growth is a flat line.
 
@@ -23,6 +23,8 @@ PANELS = [
     ("server CPU per delivery (µs)", [("burst_us_per_delivery", "burst", "-"), ("rate_us_per_delivery", "steady", "--")]),
     ("steady rate: p99 publish->delivery (ms)", [("rate_p99_ms", "", "-")]),
     ("idle server CPU per 1,000 sockets (% of a core)", [("idle_cpu_per_1k", "", "-")]),
+    ("longest full garbage collection (ms)", [("gc_full_max_ms", "", "-")]),
+    ("full garbage collections per point", [("gc_full_count", "", "-")]),
 ]
 
 
@@ -32,12 +34,14 @@ def main(source: str, target: str) -> None:
     rows = report["rows"]
     for r in rows:
         r["idle_cpu_per_1k"] = r["idle_cpu_pct"] * 1000 / r["sockets"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     for ax, (title, series) in zip(axes.flat, PANELS):
         for color, kind in enumerate(dict.fromkeys(r["client"] for r in rows)):
             rate = next(r["rate_deliveries_per_s"] for r in rows if r["client"] == kind)
             for key, what, style in series:
                 mine = sorted((r["sockets"], r[key]) for r in rows if r["client"] == kind and r.get(key) is not None)
+                if not mine:
+                    continue
                 label = f"{kind} clients" + (f", {what}" if what else "")
                 if key.startswith("rate_"):
                     label += f" ({rate:,.0f} deliveries/s)"

@@ -412,11 +412,12 @@ class Server:
 
 
 def ours(port: int, redis: Redis, logdir: str, extra: list[str], workers: int = 1,
-         cores: str | None = None, env: dict[str, str] | None = None) -> Server:
-    """Our server (ws.py) on the classic bus."""
+         cores: str | None = None, gc_log: str = "") -> Server:
+    """Our server (ws.py) on the classic bus; with ``gc_log``, its
+    collector's pauses are logged there (gclog.py)."""
     before = redis_subscribers(redis.port)
-    return _ours(port, {"EVENT_BUS": "redis", "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis.port), **(env or {})},
-                 logdir, extra, redis.subscribed(before, workers), workers, cores)
+    return _ours(port, {"EVENT_BUS": "redis", "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis.port)},
+                 logdir, extra, redis.subscribed(before, workers), workers, cores, gc_log)
 
 
 def ours_cluster(port: int, cluster: RedisCluster, database: Database, logdir: str, extra: list[str]) -> Server:
@@ -428,7 +429,7 @@ def ours_cluster(port: int, cluster: RedisCluster, database: Database, logdir: s
 
 
 def _ours(port: int, bus_env: dict[str, str], logdir: str, extra: list[str], ready: Callable[[], bool],
-          workers: int = 1, cores: str | None = None) -> Server:
+          workers: int = 1, cores: str | None = None, gc_log: str = "") -> Server:
     env = dict(os.environ)
     for key in ("AUTOGPT_WS_CONFIG", "AUTOGPT_WS_LISTEN", "WEBSOCKET_SERVER_PORT", "WEBSOCKET_SERVER_HOST", "EVENT_BUS",
                 "REDIS_URL", "REDIS_CLUSTER_HOST", "REDIS_CLUSTER_PORT", "DATABASE_URL"):
@@ -441,7 +442,8 @@ def _ours(port: int, bus_env: dict[str, str], logdir: str, extra: list[str], rea
     python = os.path.join(ROOT, ".venv", "bin", "python")
     if not os.path.exists(python):
         python = sys.executable
-    argv = [python, os.path.join(ROOT, "ws.py"), "--host", "127.0.0.1", "--port", str(port), *extra]
+    wrapper = [os.path.join(HERE, "gclog.py"), gc_log] if gc_log else []
+    argv = [python, *wrapper, os.path.join(ROOT, "ws.py"), "--host", "127.0.0.1", "--port", str(port), *extra]
     if workers > 1:
         argv += ["--workers", str(workers)]
     return Server("ours" if workers == 1 else f"ours-{workers}w", argv, env, port, logdir, ready, workers, cores)
