@@ -245,6 +245,7 @@ class Store(ClusterTestCase):
         for index, run in enumerate(runs):
             yield self.run_event(U, graph, run, "RUNNING")
             yield client.message(1 + index, timeout=10)
+            yield sleep(0.01)  # each run its own write time (the index orders by it)
         for status in ("QUEUED", "RUNNING", "COMPLETED"):  # node events are never written
             node = publish.node_event(U, graph, runs[0], uid("ne"), status)
             yield publish.publish_event(self.publisher, LAYOUT, node, sharded=True)

@@ -267,7 +267,8 @@ class ServerFuzz(TestCase):
                 assert not expected, (data[:200], ending, refusal)
                 return
             status_line = received.split(b"\r\n", 1)[0]
-            assert received.startswith(b"HTTP/1.1 ") and status_line[9:12].isdigit(), received[:200]
+            # twisted.web answers an HTTP/1.0 request in HTTP/1.0
+            assert received.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")) and status_line[9:12].isdigit(), received[:200]
             assert not any(byte < 0x20 for byte in status_line), status_line
             status = int(status_line[9:12])
             answered[status] = answered.get(status, 0) + 1
