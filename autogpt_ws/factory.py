@@ -16,6 +16,7 @@ from .auth import TokenVerifier
 from .config import Settings
 from .deflate import Deflaters, acceptor
 from .flush import Flusher
+from .keepalive import Keepalive
 from .hub import Hub
 from .metrics import Stats
 from .origins import OriginList
@@ -128,6 +129,7 @@ class WebsocketFactory(WebSocketServerFactory):
         self.admission = Admission(settings, lambda: len(self.sockets))
         self._batched_timer = ExactTimer(reactor)
         self.flusher = Flusher(reactor)
+        self.keepalive = Keepalive(reactor, settings.ping_interval, settings.ping_timeout)
         self.deflaters = Deflaters(settings.deflate_level, settings.deflate_threshold, stats)
         limit = settings.max_inbound_frame
         self.setProtocolOptions(
@@ -139,8 +141,7 @@ class WebsocketFactory(WebSocketServerFactory):
             # message count mixes compressed and inflated sizes: off
             maxFramePayloadSize=deflate_bound(limit) if settings.permessage_deflate else limit,
             maxMessagePayloadSize=0,
-            autoPingInterval=settings.ping_interval,
-            autoPingTimeout=settings.ping_timeout,
+            autoPingInterval=0,  # our Keepalive pings: one timer for every socket
             openHandshakeTimeout=settings.open_handshake_timeout,
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             failByDrop=False,
@@ -149,6 +150,14 @@ class WebsocketFactory(WebSocketServerFactory):
         )
         self.protocol = options_on_class(ServerProtocol, self)
 
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        self.keepalive.start()
+
+    def stopFactory(self) -> None:
+        self.keepalive.stop()
+        super().stopFactory()
 
     def session_for(self, proto: ServerProtocol) -> Session:
         s = self.settings

@@ -116,6 +116,7 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
             self.closeHandshakeTimeoutCall = None
         if self._attached:
             self._attached = False
+            factory.keepalive.remove(self)
             factory.hub.detach(self)
             stats = factory.stats
             stats.open_sockets -= 1
@@ -230,12 +231,16 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
             return
         factory.hub.attach(self)
         self._attached = True
+        factory.keepalive.add(self)
         factory.stats.open_sockets += 1
         factory.stats.sockets_opened += 1
         self._session = factory.session_for(self)
         if settings.rate_limit:
             self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst, factory.clock.seconds())
         self._schedule_expiry()
+
+    def onPong(self, payload: bytes) -> None:
+        self.factory.keepalive.pong(self)
 
     def _schedule_expiry(self) -> None:
         settings = self.factory.settings

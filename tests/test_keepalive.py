@@ -122,3 +122,100 @@ class TokenLifetime(TestCase):
         yield wait_for(lambda: client.lost.called, timeout=10)
         self.assertGreaterEqual(time.time(), exp)
         self.assertEqual((client.close_code, client.close_reason), (4003, "Token expired"))
+
+
+class FakeSocket:
+    """What the keepalive sees of a socket."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.aborted = False
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        self.sent.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class Wheel(TestCase):
+    """The one timer behind every socket's pings (autogpt_ws.keepalive)."""
+
+    def setUp(self) -> None:
+        from autogpt_ws.keepalive import PING, Keepalive
+
+        self.PING = PING
+        self.clock = Clock()
+        self.keepalive = Keepalive(self.clock, interval=20.0, timeout=10.0)
+        self.keepalive.start()
+        self.addCleanup(self.keepalive.stop)
+
+    def advance(self, seconds: float) -> None:
+        for _ in range(int(round(seconds / self.keepalive.tick))):
+            self.clock.advance(self.keepalive.tick)
+
+    def test_ping_then_pong_then_ping_again(self) -> None:
+        sock = FakeSocket()
+        self.keepalive.add(sock)  # type: ignore[arg-type]
+        self.advance(19.75)
+        self.assertEqual(sock.sent, [])
+        self.advance(0.25)
+        self.assertEqual(sock.sent, [self.PING])
+        self.advance(5)
+        self.keepalive.pong(sock)  # type: ignore[arg-type]
+        self.advance(19.75)
+        self.assertEqual(sock.sent, [self.PING])
+        self.advance(0.25)
+        self.assertEqual((sock.sent, sock.aborted), ([self.PING, self.PING], False))
+
+    def test_no_pong_by_the_deadline_is_dropped(self) -> None:
+        sock = FakeSocket()
+        self.keepalive.add(sock)  # type: ignore[arg-type]
+        self.advance(29.75)
+        self.assertFalse(sock.aborted)
+        self.advance(0.25)
+        self.assertTrue(sock.aborted)
+        self.assertEqual((self.keepalive.pings, self.keepalive.dropped), (1, 1))
+
+    def test_a_removed_socket_is_never_touched(self) -> None:
+        sock = FakeSocket()
+        self.keepalive.add(sock)  # type: ignore[arg-type]
+        self.keepalive.remove(sock)  # type: ignore[arg-type]
+        self.advance(60)
+        self.assertEqual((sock.sent, sock.aborted), ([], False))
+
+    def test_one_timer_whatever_the_number_of_sockets(self) -> None:
+        """Autobahn's auto-ping made two timers per socket per ping: new
+        long-lived objects every interval for the garbage collector."""
+        socks = [FakeSocket() for _ in range(1000)]
+        for sock in socks:
+            self.keepalive.add(sock)  # type: ignore[arg-type]
+        for _ in range(5):
+            self.advance(20)
+            for sock in socks:
+                self.keepalive.pong(sock)  # type: ignore[arg-type]
+            self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual({(len(sock.sent), sock.aborted) for sock in socks}, {(5, False)})
+
+    def test_a_late_turn_catches_up(self) -> None:
+        """A reactor busy for a while: every slot passed is walked."""
+        sock = FakeSocket()
+        self.keepalive.add(sock)  # type: ignore[arg-type]
+        self.clock.advance(45)  # one turn for 45 s: the ping due at 20 s goes now
+        self.assertEqual((sock.sent, sock.aborted), ([self.PING], False))
+        self.advance(9.75)
+        self.assertFalse(sock.aborted)
+        self.advance(0.25)
+        self.assertTrue(sock.aborted)  # its deadline counts from when it was sent
+
+    def test_no_deadline(self) -> None:
+        from autogpt_ws.keepalive import Keepalive
+
+        keepalive = Keepalive(self.clock, interval=1.0, timeout=0)
+        keepalive.start()
+        self.addCleanup(keepalive.stop)
+        sock = FakeSocket()
+        keepalive.add(sock)  # type: ignore[arg-type]
+        for _ in range(40):
+            self.clock.advance(0.25)
+        self.assertEqual((len(sock.sent), sock.aborted), (10, False))
