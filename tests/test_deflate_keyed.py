@@ -286,11 +286,20 @@ class Negotiation(TestCase):
 
     @inlineCallbacks
     def test_history_off_answers_server_no_context_takeover(self) -> None:
+        """deflate_history 0: every frame on its own, and the answer says so."""
         server = start_server(self, deflate_history=0)
         client = yield raw_connect(server.port, deflate=CHROMIUM, test=self)
         self.assertEqual(extensions_answer(client.head),
                          "permessage-deflate; server_no_context_takeover; client_no_context_takeover")
-        self.assertIsNone(server.hub._links)
+        client.send_compressed(subscribe("e1"))
+        yield wait_for(lambda: len(client.messages) == 1)
+        for number in range(3):
+            event = event_of("e1", f"compressible {number} " * 500)
+            yield server.bus.publish(server.layout.classic_exec(U, "g1", "e1"), publish.envelope(event))
+        yield wait_for(lambda: len(client.messages) == 4)
+        self.assertEqual(client.compressed, [False, True, True, True])
+        self.assertTrue(all(alone(payload_of(f)) is not None for f in client.wire[1:]))
+        self.assertEqual((server.stats.deflate_primed, server.hub.history_bytes()), (0, 0))
 
 
 class BrowserLike(TestCase):
@@ -346,7 +355,8 @@ class BrowserLike(TestCase):
             kind = rng.random()
             if kind < 0.55:
                 event = event_of("e1", text)
-                event["input_data"] = {"prompt": prompt}  # what a node's events repeat
+                if text:  # else a frame under the threshold
+                    event["input_data"] = {"prompt": prompt}  # what a node's events repeat
                 channel = layout.classic_exec(U, "g1", "e1")
             elif kind < 0.75:
                 event = publish.graph_event(U, "g1", "e1", "RUNNING", outputs={"out": [text[:3000]]})
@@ -384,6 +394,8 @@ class BrowserLike(TestCase):
                 bits = 9 if name == "window 9" else 15
                 compressed = [payload_of(f) for f, c in zip(client.wire, client.compressed) if c]
                 self.assertGreater(len(compressed), len(plain) / 2, name)
+                small = [m for m, c in zip(plain, client.compressed) if not c and b'"success":null' in m]
+                self.assertGreater(len(small), 20, name)  # pushed frames under the threshold, between the others
                 read_alone = sum(alone(p, bits) is not None for p in compressed) / len(compressed)
                 if name == "no takeover":
                     self.assertEqual(read_alone, 1.0)
