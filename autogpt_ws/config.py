@@ -266,7 +266,7 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("deflate_threshold", "size", 512, "WS_DEFLATE_THRESHOLD",
            "pushed frames under this many bytes go uncompressed to compressing sockets", minimum=0),
         _f("deflate_level", "int", 1, "WS_DEFLATE_LEVEL",
-           "compression level of pushed frames (ISA-L's), 0 (fastest) to 3 (smallest); each frame is compressed once per window size",
+           "compression level of pushed frames (ISA-L's), 0 (fastest) to 3 (smallest); each frame is compressed once per window size and form",
            minimum=0, maximum=3),
         _f("deflate_history", "size", 8 * KiB, "WS_DEFLATE_HISTORY",
            "keyed history: a pushed frame may be compressed with up to this many bytes of the end of the previous "
