@@ -62,7 +62,8 @@ class WebsocketServer(MultiService):
         self.settings = settings
         self.reactor = reactor
         self.stats = Stats()
-        self.hub = Hub(keyed_history=settings.permessage_deflate and settings.deflate_history > 0)
+        keyed_history = settings.permessage_deflate and settings.deflate_history > 0
+        self.hub = Hub(keyed_history)
         self.layout = Layout(settings.execution_event_bus_name, settings.notification_event_bus_name)
         # catch-up keeps what the bus brings: on the sharded bus, only the
         # events of channels subscribed here (so it records none there yet)
@@ -85,7 +86,7 @@ class WebsocketServer(MultiService):
         self.listener: StreamServerEndpointService = strports.service(settings.endpoint, self.site, reactor=reactor)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
-        if settings.permessage_deflate and settings.deflate_history > 0:  # forget the idle keys' history
+        if keyed_history:  # forget the idle keys' history
             sweeper = TimerService(HISTORY_SWEEP, self.hub.sweep)
             sweeper.clock = reactor
             sweeper.setServiceParent(self)
