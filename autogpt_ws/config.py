@@ -262,12 +262,16 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("ping_interval", "float", 20.0, "WS_PING_INTERVAL", "protocol ping every N seconds (0: off)", minimum=0),
         _f("ping_timeout", "float", 20.0, "WS_PING_TIMEOUT", "close a socket whose pong is this late", minimum=0),
         _f("permessage_deflate", "bool", True, "WS_PERMESSAGE_DEFLATE",
-           "accept permessage-deflate when a client offers it, with no context takeover either way"),
+           "accept permessage-deflate when a client offers it (the client's messages each compressed on its own)"),
         _f("deflate_threshold", "size", 512, "WS_DEFLATE_THRESHOLD",
            "pushed frames under this many bytes go uncompressed to compressing sockets", minimum=0),
         _f("deflate_level", "int", 1, "WS_DEFLATE_LEVEL",
-           "compression level of pushed frames (ISA-L's), 0 (fastest) to 3 (smallest); each frame is compressed once per window size",
+           "compression level of pushed frames (ISA-L's), 0 (fastest) to 3 (smallest); each frame is compressed once per window size and form",
            minimum=0, maximum=3),
+        _f("deflate_history", "size", 8 * KiB, "WS_DEFLATE_HISTORY",
+           "keyed history: a pushed frame may be compressed with up to this many bytes of the end of the previous "
+           "frame of its key, kept per active key (0: off, each frame compressed on its own)",
+           minimum=0, maximum=32 * KiB),
         _f("ws_allowed_origins", "list", (), "WS_ALLOWED_ORIGINS", "upgrade Origin allow-list, exact or regex:<pattern> (empty: any); null is an origin: list it to allow it"),
         _f("ws_allow_missing_origin", "bool", True, "WS_ALLOW_MISSING_ORIGIN", "with an allow-list, accept upgrades that carry no Origin"),
     )),
@@ -381,6 +385,7 @@ class Settings:
     permessage_deflate: bool
     deflate_threshold: int
     deflate_level: int
+    deflate_history: int
     ws_allowed_origins: tuple[str, ...]
     ws_allow_missing_origin: bool
     catchup_enabled: bool

@@ -130,7 +130,7 @@ class WebsocketFactory(WebSocketServerFactory):
         self._batched_timer = ExactTimer(reactor)
         self.flusher = Flusher(reactor)
         self.keepalive = Keepalive(reactor, settings.ping_interval, settings.ping_timeout)
-        self.deflaters = Deflaters(settings.deflate_level, settings.deflate_threshold, stats)
+        self.deflaters = Deflaters(settings.deflate_level, settings.deflate_threshold, settings.deflate_history, stats)
         limit = settings.max_inbound_frame
         self.setProtocolOptions(
             webStatus=False,
@@ -146,7 +146,8 @@ class WebsocketFactory(WebSocketServerFactory):
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             failByDrop=False,
             tcpNoDelay=True,
-            perMessageCompressionAccept=acceptor(limit),  # offers are sifted first: ServerProtocol.onConnect
+            # offers are sifted first: ServerProtocol.onConnect
+            perMessageCompressionAccept=acceptor(limit, keyed=settings.deflate_history > 0),
         )
         self.protocol = options_on_class(ServerProtocol, self)
 

@@ -6,13 +6,29 @@ the event bus.  A key exists in the hub exactly while it has a subscriber,
 and a user exactly while they have a socket, so nothing empty is left behind.
 Buses that subscribe per channel (the sharded cluster bus) watch keys and
 users come and go through :class:`HubWatcher`.
+
+Keyed history (when enabled: permessage-deflate with ``deflate_history``):
+a frame pushed to a key is handed the :class:`~wire.Link` the key's
+previous frame left (``prior``).  Whether a frame leaves one is the
+sockets' business (a frame written compressed leaves the end of its
+payload, :mod:`deflate`); the hub keeps the link of each key's last frame,
+and forgets it when the key goes, when the key's next frame leaves none,
+and when no frame came on the key for ``HISTORY_IDLE`` seconds
+(:meth:`Hub.sweep`, every ``HISTORY_SWEEP``).
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from .wire import OutFrame
+from .wire import NO_STREAM, Link, OutFrame
+
+# Keyed history: the service calls Hub.sweep every HISTORY_SWEEP seconds,
+# which forgets the history of keys with no frame for HISTORY_IDLE seconds
+# (held at least that long after a key's last frame, at most one sweep more).
+HISTORY_SWEEP = 30.0
+HISTORY_IDLE = 60.0
+_IDLE_SWEEPS = int(HISTORY_IDLE // HISTORY_SWEEP)
 
 
 class Sink(Protocol):
@@ -33,11 +49,14 @@ class HubWatcher(Protocol):
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, keyed_history: bool = False) -> None:
         self._subscribers: dict[str, set[Sink]] = {}
         self._users: dict[str, set[Sink]] = {}
         self._watchers: list[HubWatcher] = []
         self.frames_out = 0
+        # key -> the link of its last frame, while that holds a history
+        self._links: dict[str, Link] | None = {} if keyed_history else None
+        self._generation = 0  # sweeps so far
 
     # -- sockets ------------------------------------------------------------
 
@@ -89,6 +108,8 @@ class Hub:
         sinks.discard(sink)
         if not sinks:
             del self._subscribers[key]
+            if self._links is not None:
+                self._forget(key)
             for watcher in self._watchers:
                 watcher.key_removed(key)
         return True
@@ -115,13 +136,30 @@ class Hub:
     # -- delivery -----------------------------------------------------------
 
     def publish(self, key: str, frame: OutFrame) -> int:
-        """Push ``frame`` to every subscriber of ``key``; returns how many."""
+        """Push ``frame`` to every subscriber of ``key``; returns how many.
+        With keyed history, the frame is linked to the key's previous one
+        first (once: a frame already linked keeps its place)."""
         sinks = self._subscribers.get(key)
         if not sinks:
             return 0
         targets = tuple(sinks)  # a push may close a socket; never iterate the live set
-        for sink in targets:
-            sink.push(frame)
+        links = self._links
+        if links is None:
+            for sink in targets:
+                sink.push(frame)
+        else:
+            prior = frame.prior
+            if prior is NO_STREAM:  # else already pushed to a key: it keeps its place
+                prior = frame.prior = links.get(key)
+            for sink in targets:
+                sink.push(frame)
+            link = frame.link
+            if link is not None:  # written compressed: the key's next frame may refer back to it
+                if key in self._subscribers:  # else the last socket went during the pushes
+                    link.generation = self._generation
+                    links[key] = link
+            elif prior is not None:  # nobody can refer back to this frame, nor to the one before
+                self._forget(key)
         self.frames_out += len(targets)
         return len(targets)
 
@@ -135,6 +173,34 @@ class Hub:
             sink.push(frame)
         self.frames_out += len(targets)
         return len(targets)
+
+    # -- keyed history ------------------------------------------------------
+
+    def history(self, key: str) -> bytes | None:
+        """What the hub holds for ``key``'s next frame to refer back to."""
+        link = self._links.get(key) if self._links is not None else None
+        return link.history if link is not None else None
+
+    def history_bytes(self) -> int:
+        """Bytes of history held, every key together."""
+        return sum(len(link.history or b"") for link in (self._links or {}).values())
+
+    def sweep(self) -> None:
+        """Forget the history of keys that had no frame since the sweep
+        ``HISTORY_IDLE / HISTORY_SWEEP`` sweeps ago (called every
+        ``HISTORY_SWEEP`` seconds by the service)."""
+        links = self._links
+        if links is None:
+            return
+        self._generation += 1
+        horizon = self._generation - _IDLE_SWEEPS
+        for key in [key for key, link in links.items() if link.generation < horizon]:
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        link = self._links.pop(key, None)  # type: ignore[union-attr]
+        if link is not None:
+            link.history = None  # a socket's window may still name the link: free what it holds
 
     def stats(self) -> dict[str, int]:
         return {

@@ -60,9 +60,11 @@ class Stats:
         self.catchup_store_errors = 0  # store writes and reads that failed (the replay fell back on this server)
         self.catchup_store_skipped = 0  # events over catchup_store_max_event, not written
         self.handler_errors = 0
-        # permessage-deflate: pushed frames compressed (once per frame and
-        # parameter set), their bytes before and after
+        # permessage-deflate: pushed frames compressed (once per frame,
+        # window size and form), their bytes before and after; how many of
+        # them primed with the previous frame of their key
         self.deflate_frames = 0
+        self.deflate_primed = 0
         self.deflate_bytes_in = 0
         self.deflate_bytes_out = 0
 
@@ -82,11 +84,13 @@ def _labelled(name: str, doc: str, label: str, counts: Counter[str]) -> CounterM
 
 class StatsCollector(Collector):
     def __init__(self, stats: Stats, frames_out: Callable[[], int],
-                 bus_up: Callable[[], bool], catchup_bytes: Callable[[], int]) -> None:
+                 bus_up: Callable[[], bool], catchup_bytes: Callable[[], int],
+                 history_bytes: Callable[[], int]) -> None:
         self._stats = stats
         self._frames_out = frames_out
         self._bus_up = bus_up
         self._catchup_bytes = catchup_bytes
+        self._history_bytes = history_bytes
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats
@@ -108,7 +112,9 @@ class StatsCollector(Collector):
         yield CounterMetricFamily("autogpt_ws_slow_consumer_closes", "Sockets closed 1013 for not reading", value=s.slow_consumer_closes)
         yield CounterMetricFamily("autogpt_ws_rate_limited_frames", "Client frames refused by the rate limit", value=s.rate_limited)
         yield CounterMetricFamily("autogpt_ws_handler_errors", "Client frames whose handling failed inside the server", value=s.handler_errors)
-        yield CounterMetricFamily("autogpt_ws_deflate_frames", "Pushed frames compressed, once per frame and window size whatever the sockets", value=s.deflate_frames)
+        yield CounterMetricFamily("autogpt_ws_deflate_frames", "Pushed frames compressed, once per frame, window size and form whatever the sockets", value=s.deflate_frames)
+        yield CounterMetricFamily("autogpt_ws_deflate_primed_frames", "Of those, frames compressed with the previous frame of their key as history", value=s.deflate_primed)
+        yield GaugeMetricFamily("autogpt_ws_deflate_history_bytes", "Bytes of frames kept for the next frame of their key to refer back to", value=self._history_bytes())
         yield CounterMetricFamily("autogpt_ws_deflate_bytes_in", "Bytes of pushed frames before compressing", value=s.deflate_bytes_in)
         yield CounterMetricFamily("autogpt_ws_deflate_bytes_out", "Bytes of pushed frames after compressing", value=s.deflate_bytes_out)
         yield CounterMetricFamily("autogpt_ws_catchup_hits", "Subscribes answered with a cached latest event", value=s.catchup_hits)
@@ -126,9 +132,10 @@ class Metrics:
     """The registry of one server: the stats collector and the latency histogram."""
 
     def __init__(self, stats: Stats, frames_out: Callable[[], int],
-                 bus_up: Callable[[], bool], catchup_bytes: Callable[[], int] = lambda: 0) -> None:
+                 bus_up: Callable[[], bool], catchup_bytes: Callable[[], int] = lambda: 0,
+                 history_bytes: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StatsCollector(stats, frames_out, bus_up, catchup_bytes))
+        self.registry.register(StatsCollector(stats, frames_out, bus_up, catchup_bytes, history_bytes))
         self.fanout_latency = Histogram(
             "autogpt_ws_fanout_latency_seconds",
             "From receipt of an event on the bus to its last write to a socket",

@@ -20,6 +20,14 @@ are known, a socket closed for misbehaviour can drop its queued output
 without cutting a frame: the held frames, and on bare TCP every whole frame
 the transport has not begun to send.  The close frame then follows the
 rest of the frame on the wire (:meth:`_shed`, :meth:`_shut`).
+
+A compressing socket remembers one thing more: which pushed frame its
+client's inflater window ends with (``_window``, the frame's link), so the
+next frame of that key can be sent primed with it (:mod:`deflate`).  It is
+set as each pushed frame is queued, in the order the frames go out, and any
+data frame written otherwise (a reply) resets it; control frames (ping,
+pong, close) leave it.  A frame dropped afterwards (1013, a close) leaves
+it naming that frame, but nothing but a close frame follows then.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from .wire import OutFrame
 if TYPE_CHECKING:
     from .deflate import Deflater
     from .factory import WebsocketFactory
+    from .wire import Link
 
 log = Logger()
 
@@ -66,6 +75,7 @@ class Outbound:
     _held_bytes = 0
     _tail: Sequence[bytes] | None = None  # the frames of the write the transport still holds part of
     _hanging_up = False  # closed for misbehaviour: input is ignored, output ends with the close frame
+    _window: Link | None = None  # compressing: the keyed frame the client's inflater window ends with
 
     def _watch_output(self) -> None:
         """Become the transport's producer (twisted.web's HTTPChannel
@@ -118,7 +128,10 @@ class Outbound:
         if self.state != STATE_OPEN:
             return
         deflater = self._deflater
-        wire = frame.wire if deflater is None else deflater.wire(frame)
+        if deflater is None:
+            wire = frame.wire
+        else:
+            wire, self._window = deflater.wire(frame, self._window)
         if self._paused:
             self._hold(wire)
             return
@@ -154,9 +167,13 @@ class Outbound:
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """Every frame Autobahn writes (the handshake answer, replies, pings,
         pongs, close) goes after the events already queued for this socket,
-        and counts against the bound like them."""
+        and counts against the bound like them.  A data frame (a reply) ends
+        the client's inflater window with something no pushed frame refers
+        back to; control frames leave it as it is."""
         if self._out is not None:
             self.flush()
+        if self._window is not None and data[0] & 0x0F < 8:  # opcode: text, binary, continuation
+            self._window = None
         if sync or chopsize:  # Autobahn's trickled writes: never used here
             super().sendData(data, sync, chopsize)  # type: ignore[misc]
         elif self._paused:

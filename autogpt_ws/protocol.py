@@ -218,7 +218,8 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
         negotiated = self._perMessageCompress
         if negotiated is not None:
             self._perMessageCompress = deflate.Inflate.replacing(negotiated)
-            self._deflater = factory.deflaters.get(negotiated.server_max_window_bits)
+            self._deflater = factory.deflaters.get(negotiated.server_max_window_bits,
+                                                   not negotiated.server_no_context_takeover)
         if self._denied is not None:
             self.sendClose(self._denied.code, self._denied.reason)
             return

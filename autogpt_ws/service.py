@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.address import UNIXAddress
@@ -22,7 +22,7 @@ from .bus.channels import Layout
 from .catchup import LatestEvents
 from .config import Settings
 from .factory import WebsocketFactory
-from .hub import Hub
+from .hub import HISTORY_SWEEP, Hub
 from .metrics import Metrics, Stats
 from .router import Router
 from .web import QuietSite, Root, Upgrade
@@ -62,13 +62,14 @@ class WebsocketServer(MultiService):
         self.settings = settings
         self.reactor = reactor
         self.stats = Stats()
-        self.hub = Hub()
+        keyed_history = settings.permessage_deflate and settings.deflate_history > 0
+        self.hub = Hub(keyed_history)
         self.layout = Layout(settings.execution_event_bus_name, settings.notification_event_bus_name)
         # catch-up keeps what the bus brings: on the sharded bus, only the
         # events of channels subscribed here (so it records none there yet)
         self.catchup = LatestEvents(settings, reactor, self.stats) if settings.catchup_enabled else None
         self.metrics = Metrics(self.stats, lambda: self.hub.frames_out, self._bus_up,
-                               (lambda: self.catchup.bytes if self.catchup else 0))
+                               (lambda: self.catchup.bytes if self.catchup else 0), self.hub.history_bytes)
         self.router = Router(self.hub, self.stats, self.layout, self.metrics.fanout_latency.observe,
                              graph_events=self.catchup, max_size=settings.max_message_size_limit)
         self.verifier = verifier or verifier_for(settings, reactor)
@@ -85,6 +86,10 @@ class WebsocketServer(MultiService):
         self.listener: StreamServerEndpointService = strports.service(settings.endpoint, self.site, reactor=reactor)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
+        if keyed_history:  # forget the idle keys' history
+            sweeper = TimerService(HISTORY_SWEEP, self.hub.sweep)
+            sweeper.clock = reactor
+            sweeper.setServiceParent(self)
         self.stopping = False
         self._stop_waiters: list[Deferred[None]] = []
         self._stop_done = False

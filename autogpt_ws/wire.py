@@ -211,22 +211,55 @@ def ws_text_frame(payload: bytes, compressed: bool = False) -> bytes:
 
 
 class Compressor(Protocol):
-    """A permessage-deflate parameter set (:class:`deflate.Deflater`)."""
+    """A permessage-deflate parameter set (:class:`deflate.Deflater`):
+    its window size, and a payload compressed on its own or with the
+    previous frame of its key as history."""
 
-    def frame(self, payload: bytes) -> bytes | None: ...
+    window_bits: int
+
+    def frame(self, payload: bytes, history: bytes | None = None) -> bytes | None: ...
+
+
+class Link:
+    """What a frame pushed to a key leaves for the next frame of that key
+    to refer back to: ``history``, the end of its payload, made when the
+    frame is first written compressed (:mod:`deflate`).  The hub keeps the
+    link of each key's last frame and hands it to the next one
+    (:attr:`OutFrame.prior`); ``generation`` is the hub's, to forget idle
+    keys."""
+
+    __slots__ = ("history", "generation")
+
+    def __init__(self, history: bytes | None) -> None:
+        self.history = history
+        self.generation = 0
+
+
+# The prior of a frame pushed outside a key's stream (notifications,
+# catch-up replays): nothing refers back to such a frame.
+NO_STREAM = Link(None)
 
 
 class OutFrame:
     """A frame for many sockets: JSON built once, WebSocket framing built
     once on first use and shared by every socket that writes it raw; and
-    compressed at most once per parameter set, shared likewise."""
+    compressed at most once per window size and form (on its own, or
+    primed with the previous frame of its key), shared likewise.
 
-    __slots__ = ("payload", "_wire", "_deflated")
+    ``prior`` is set by the hub when it pushes the frame to a key: the
+    :class:`Link` left by the previous frame of that key, or None (none
+    known); a frame pushed otherwise (notifications, catch-up replays)
+    keeps :data:`NO_STREAM`.  ``link`` is this frame's, once it has been
+    written compressed to a socket of a key's stream."""
+
+    __slots__ = ("payload", "_wire", "_deflated", "link", "prior")
 
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
         self._wire: bytes | None = None
-        self._deflated: dict[Compressor, bytes] | None = None
+        self._deflated: dict[int, bytes] | None = None  # by window bits; primed forms by -bits
+        self.link: Link | None = None
+        self.prior: Link | None = NO_STREAM
 
     @property
     def wire(self) -> bytes:
@@ -235,15 +268,19 @@ class OutFrame:
             wire = self._wire = ws_text_frame(self.payload)
         return wire
 
-    def deflated(self, compressor: Compressor) -> bytes:
-        """The frame for sockets of ``compressor``'s parameter set: its
-        compressed frame, or the plain one when compressing saved nothing."""
+    def deflated(self, compressor: Compressor, primed: bool = False) -> bytes:
+        """The frame for sockets of ``compressor``'s window size: compressed
+        on its own, or ``primed`` with the history of :attr:`prior` (for a
+        socket whose inflater window ends with the previous frame of this
+        key); the plain frame when compressing saved nothing."""
         cache = self._deflated
         if cache is None:
             cache = self._deflated = {}
-        wire = cache.get(compressor)
+        form = -compressor.window_bits if primed else compressor.window_bits  # one cache, both forms
+        wire = cache.get(form)
         if wire is None:
-            wire = cache[compressor] = compressor.frame(self.payload) or self.wire
+            history = self.prior.history if primed else None  # type: ignore[union-attr]
+            wire = cache[form] = compressor.frame(self.payload, history) or self.wire
         return wire
 
 

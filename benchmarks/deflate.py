@@ -2,7 +2,9 @@
 """What permessage-deflate costs, quickly: a check, not the benchmark table.
 
     python benchmarks/deflate.py levels            # compression level and threshold, on AutoGPT-like frames
-    python benchmarks/deflate.py server [--sockets N] [--runs N] [--level L] [--threshold B]   # deflate sockets vs plain
+    python benchmarks/deflate.py history           # keyed history: bytes and CPU per history size
+    python benchmarks/deflate.py server [--sockets N] [--runs N] [--level L] [--threshold B] [--history B]
+                                                   # plain sockets vs deflate on its own vs keyed
 
 ``levels`` compresses AutoGPT-like push frames (:func:`autogpt_frames`: the
 events of simulated graph runs, with some KB of LLM text) as the server
@@ -10,17 +12,27 @@ does (:class:`Deflater`), once each, at each ISA-L level (and zlib's 1 and
 6 for reference), and prints bytes and CPU per frame, the ratio per kind of
 event, then what compressing gains per frame size and per threshold.
 
+``history`` sends the same frames, each run's on its own key, through a
+hub with keyed history to one compressing socket (what the server's socket
+writes, :meth:`Deflater.wire`), for each history size (0: every frame on
+its own), and prints bytes on the wire (frame headers included) per byte
+of the messages, CPU per frame and the share of frames sent primed.
+
 ``server`` runs ``ws.py`` (pinned to core 0, its own redis-server on core
 1, as ``run.py`` does) with browser-like clients in this process (core 1):
 each offers ``permessage-deflate; client_max_window_bits`` as Chromium
 does, sends its subscribe compressed and inflates what it receives with one
 inflater kept for the socket's life, as browsers do; the same number of
-plain sockets are the reference.  It prints, deflate against plain:
-resident memory per idle subscribed socket, before and after twenty ~10 KB
-events; server CPU per delivery with every socket on one execution
-(fan-out) and with each socket on its own (one delivery per compression,
-the worst case); and bytes on the wire (frame headers included) per byte
-of the messages.  Protocol pings are off for the check.
+plain sockets are the reference.  Three servers take turns: plain clients,
+compressing clients with ``deflate_history=0`` (every frame on its own),
+and compressing clients with keyed history (``--history``).  It prints, for
+each: resident memory per idle subscribed socket, before and after twenty
+~10 KB events (each socket on its own execution: one key's history per
+socket), and the history the server then holds per socket; server CPU per
+delivery with every socket on one execution (fan-out: ten simulated runs)
+and with each socket on its own (one delivery per compression, the worst
+case); and bytes on the wire (frame headers included) per byte of the
+messages, in the fan-out.  Protocol pings are off for the check.
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ from autogpt_ws import publish, wire  # noqa: E402
 from autogpt_ws.bus.channels import Layout  # noqa: E402
 from autogpt_ws.config import DEFAULT_USER_ID as USER  # noqa: E402
 from autogpt_ws.deflate import Deflater  # noqa: E402
+from autogpt_ws.hub import Hub  # noqa: E402
 from autogpt_ws.metrics import Stats  # noqa: E402
 
 LAYOUT = Layout()
@@ -123,9 +136,9 @@ def autogpt_run(rng: random.Random, text: Text, graph_id: str, exec_id: str) -> 
                               outputs={"summary": [answer]}, stats=stats)
 
 
-def autogpt_frames(runs: int, seed: int = 7) -> list[bytes]:
-    """Push frames (what one socket subscribed to the execution receives)
-    of ``runs`` simulated runs."""
+def autogpt_stream(runs: int, seed: int = 7) -> list[tuple[str, bytes]]:
+    """(key, push frame) of ``runs`` simulated runs: what a socket
+    subscribed to each execution receives, on that execution's key."""
     rng = random.Random(seed)
     text = Text(rng)
     frames = []
@@ -134,8 +147,13 @@ def autogpt_frames(runs: int, seed: int = 7) -> list[bytes]:
         key = wire.exec_key(USER, exec_id)
         for event in autogpt_run(rng, text, graph_id, exec_id):
             method = wire.EVENT_METHODS[event["event_type"]]
-            frames.append(wire.push(method, key, json.dumps(event, separators=(",", ":")).encode()))
+            frames.append((key, wire.push(method, key, json.dumps(event, separators=(",", ":")).encode())))
     return frames
+
+
+def autogpt_frames(runs: int, seed: int = 7) -> list[bytes]:
+    """The push frames of ``runs`` simulated runs (:func:`autogpt_stream`)."""
+    return [payload for _, payload in autogpt_stream(runs, seed)]
 
 
 def deflate(payload: bytes, level: int, library: Any = None) -> bytes:
@@ -190,6 +208,46 @@ def levels(args: argparse.Namespace) -> None:
         small = [f for f in frames if len(f) < threshold]
         out = sum(map(len, small)) + sum(len(deflate(f, level)) for f in frames if len(f) >= threshold)
         print(f"{threshold:9d}  {1 - len(small) / len(frames):17.0%}  {out / raw:12.3f}")
+
+
+class Socket:
+    """What a compressing socket of the server writes (``Outbound.push``),
+    counted rather than sent."""
+
+    def __init__(self, deflater: Deflater) -> None:
+        self.user_id = USER
+        self.keys: set[str] = set()
+        self.deflater = deflater
+        self.window: wire.Link | None = None
+        self.wire_bytes = 0
+
+    def push(self, frame: wire.OutFrame) -> None:
+        data, self.window = self.deflater.wire(frame, self.window)
+        self.wire_bytes += len(data)
+
+
+def history(args: argparse.Namespace) -> None:
+    stream = autogpt_stream(args.runs_levels)
+    raw = sum(len(wire.ws_text_frame(payload)) for _, payload in stream)
+    print(f"{len(stream)} AutoGPT-like push frames of {args.runs_levels} runs, each run on its own key; "
+          f"ISA-L level {args.level}, threshold {args.threshold}")
+    print("history  bytes out/in  smaller by  us per frame  primed")
+    for size in (0, 1024, 2048, 4096, 8192, 16384, 32768):
+        best, out, primed = float("inf"), 0, 0
+        for _ in range(5):
+            stats = Stats()
+            hub = Hub(keyed_history=size > 0)
+            sock = Socket(Deflater(15, args.level, args.threshold, stats, size))
+            hub.attach(sock)
+            for key in {key for key, _ in stream}:
+                hub.subscribe(sock, key)
+            frames = [(key, wire.OutFrame(payload)) for key, payload in stream]
+            start = time.perf_counter()
+            for key, frame in frames:
+                hub.publish(key, frame)
+            best = min(best, time.perf_counter() - start)
+            out, primed = sock.wire_bytes, stats.deflate_primed
+        print(f"{size:7d}  {out / raw:12.3f}  {raw / out:9.2f}x  {best / len(stream) * 1e6:12.1f}  {primed / len(stream):6.0%}")
 
 
 # -- the server check ----------------------------------------------------------------
@@ -326,6 +384,19 @@ def envelopes(runs: int, exec_id: str, seed: int) -> list[bytes]:
     return out
 
 
+def history_bytes(port: int) -> float:
+    """The server's autogpt_ws_deflate_history_bytes (its /metrics)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        body = b""
+        while chunk := sock.recv(65536):
+            body += chunk
+    for line in body.decode().splitlines():
+        if line.startswith("autogpt_ws_deflate_history_bytes "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def measure(port: int, redis: run.Redis, server: run.Server, offer: str | None, s: argparse.Namespace) -> dict[str, float]:
     pub = RedisPublisher(redis.port)
     res: dict[str, float] = {}
@@ -355,6 +426,7 @@ def measure(port: int, redis: run.Redis, server: run.Server, offer: str | None, 
     server.settle()
     time.sleep(1.0)
     res["after_20_events_kib"] = (run.rss_bytes(server.pid) - before) / s.sockets / 1024
+    res["history_kib"] = history_bytes(port) / s.sockets / 1024
     # CPU per delivery, fan-out: every socket on one execution
     fan = envelopes(s.event_runs, "exec-fan", seed=5)
     for client in clients.all:
@@ -391,17 +463,23 @@ def measure(port: int, redis: run.Redis, server: run.Server, offer: str | None, 
     return res
 
 
+MODES = (("plain", None, None), ("alone", BROWSER_OFFER, 0), ("keyed", BROWSER_OFFER, None))
+
+
 def server_check(args: argparse.Namespace) -> None:
     run.raise_nofile()
     logdir = tempfile.mkdtemp(prefix="autogpt-ws-deflate-")
     redis = run.Redis(logdir)
-    results: dict[str, list[dict[str, float]]] = {"plain": [], "deflate": []}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in MODES}
     try:
         for i in range(args.runs):
-            for name, offer in (("plain", None), ("deflate", BROWSER_OFFER)):  # alternate: a slow spell hits both
+            for name, offer, size in MODES:  # in turn: a slow spell hits each
                 port = run.free_port()
+                history = args.history if size is None else size
                 server = run.ours(port, redis, logdir, ["--set", f"deflate_level={args.level}",
                                                         "--set", f"deflate_threshold={args.threshold}",
+                                                        "--set", f"deflate_history={history}",
+                                                        "--set", "enable_metrics=true",
                                                         "--set", "rate_limit=0", "--set", "ping_interval=0"])
                 try:
                     res = measure(port, redis, server, offer, args)
@@ -411,28 +489,31 @@ def server_check(args: argparse.Namespace) -> None:
                 results[name].append(res)
     finally:
         redis.stop()
-    print(f"\nmedians of {args.runs} runs, {args.sockets} sockets, level {args.level}, threshold {args.threshold}:")
-    print(f"{'':34s} {'plain':>10s} {'deflate':>10s} {'deflate/plain':>14s}")
+    print(f"\nmedians of {args.runs} runs, {args.sockets} sockets, level {args.level}, threshold {args.threshold}, "
+          f"keyed history {args.history} bytes ('alone': deflate_history=0):")
+    print(f"{'':36s} {'plain':>8s} {'alone':>8s} {'keyed':>8s} {'alone/plain':>12s} {'keyed/plain':>12s}")
     rows = [("idle_kib", "memory per idle socket, KiB"), ("after_20_events_kib", "  after twenty 10 KB events, KiB"),
+            ("history_kib", "  of which history held, KiB"),
             ("fanout_us", "CPU per delivery, fan-out, us"), ("single_us", "CPU per delivery, 1 per frame, us"),
             ("wire_ratio", "bytes on the wire / bytes sent")]
     for key, label in rows:
-        plain = statistics.median(r[key] for r in results["plain"])
-        comp = statistics.median(r[key] for r in results["deflate"])
-        print(f"{label:34s} {plain:10.3f} {comp:10.3f} {comp / plain:13.3f}x")
+        plain, alone, keyed = (statistics.median(r[key] for r in results[name]) for name, _, _ in MODES)
+        ratios = "".join(f" {v / plain:11.3f}x" if plain else f" {'-':>12s}" for v in (alone, keyed))
+        print(f"{label:36s} {plain:8.3f} {alone:8.3f} {keyed:8.3f}{ratios}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("levels", "server"))
+    parser.add_argument("what", choices=("levels", "history", "server"))
     parser.add_argument("--runs-levels", type=int, default=40, help="levels: simulated runs")
     parser.add_argument("--sockets", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--event-runs", type=int, default=10, help="server: simulated runs published to all sockets")
     parser.add_argument("--level", type=int, default=1)
     parser.add_argument("--threshold", type=int, default=512)
+    parser.add_argument("--history", type=int, default=8192, help="server: deflate_history of the keyed server")
     args = parser.parse_args()
-    levels(args) if args.what == "levels" else server_check(args)
+    {"levels": levels, "history": history, "server": server_check}[args.what](args)
 
 
 if __name__ == "__main__":

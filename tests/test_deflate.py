@@ -1,7 +1,8 @@
 """permessage-deflate (issue 15, item 1): negotiated with no context
-takeover either way, each pushed frame compressed once per parameter set
-and shared, small frames and replies sent plain, nothing kept per socket
-between messages, and every frame read right by browser-like clients."""
+takeover from the client (the server's own frames: tests/test_deflate_keyed.py),
+each pushed frame compressed once per parameter set and form and shared,
+small frames and replies sent plain, no zlib object kept per socket, and
+every frame read right by browser-like clients."""
 
 from __future__ import annotations
 
@@ -29,8 +30,23 @@ PING = '{"method":"heartbeat","data":"ping","success":true}'
 PONG = b'{"method":"heartbeat","data":"pong","success":true}'
 CHROMIUM = "permessage-deflate; client_max_window_bits"
 FIREFOX = "permessage-deflate"  # Safari (NSURLSession) sends the same
-ANSWER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+ANSWER = "permessage-deflate; client_no_context_takeover"  # the client keeps its window: keyed history
 ZLIB_OBJECTS = (type(zlib.compressobj()), type(zlib.decompressobj()), type(isal_zlib.compressobj()))
+
+
+def payload_of(frame: bytes) -> bytes:
+    """The payload of one unmasked server frame."""
+    size = frame[1] & 0x7F
+    return frame[2 + (2 if size == 126 else 8 if size == 127 else 0):]
+
+
+def alone(payload: bytes, bits: int = 15) -> bytes | None:
+    """A compressed message inflated on its own (a fresh window), or None
+    when it does not inflate so: it refers back to an earlier message."""
+    try:
+        return zlib.decompressobj(-bits).decompress(payload + b"\x00\x00\xff\xff")
+    except zlib.error:
+        return None
 
 
 def subscribe(exec_id: str) -> str:
@@ -72,12 +88,14 @@ def outputs(count: int, seed: int = 1) -> list[str]:
 
 class Negotiation(TestCase):
     @inlineCallbacks
-    def test_browser_offers_get_no_context_takeover_either_way(self) -> Any:
+    def test_browser_offers_get_no_context_takeover_from_the_client(self) -> Any:
         server = start_server(self)
         for offer in (CHROMIUM, FIREFOX, "permessage-deflate; client_no_context_takeover; client_max_window_bits",
                       "permessage-deflate; server_no_context_takeover"):
             client = yield raw_connect(server.port, deflate=offer, test=self)
-            self.assertEqual(extensions(client), ANSWER, offer)
+            # a client that asks the server not to keep its context is answered so
+            answer = ANSWER.replace("; client", "; server_no_context_takeover; client") if "server_" in offer else ANSWER
+            self.assertEqual(extensions(client), answer, offer)
             self.assertIsInstance(server_side(server, client)._perMessageCompress, Inflate)
 
     @inlineCallbacks
@@ -212,15 +230,15 @@ class OncePerParameterSet(TestCase):
         self.assertEqual(scrape("autogpt_ws_deflate_frames_total"), 4)
         self.assertEqual(scrape("autogpt_ws_deflate_bytes_in_total"), 2 * sent)
         out = scrape("autogpt_ws_deflate_bytes_out_total")
-        self.assertEqual(out, sum(len(c.wire[n]) - 4 for c in (clients[15][0], clients[10][0]) for n in (1, 2)))
+        self.assertEqual(out, sum(len(payload_of(c.wire[n])) for c in (clients[15][0], clients[10][0]) for n in (1, 2)))
         self.assertLess(out, sent / 2)
 
     def test_a_frame_compressing_cannot_shrink_goes_plain(self) -> None:
         stats = Stats()
         deflater = Deflater(15, 1, 0, stats)
         frame = wire.OutFrame(os.urandom(3000))
-        self.assertIs(deflater.wire(frame), frame.wire)
-        self.assertIs(deflater.wire(frame), frame.wire)
+        self.assertEqual(deflater.wire(frame), (frame.wire, None))
+        self.assertEqual(deflater.wire(frame), (frame.wire, None))
         self.assertEqual((stats.deflate_frames, stats.deflate_bytes_in, stats.deflate_bytes_out), (1, 3000, 3000))
 
 
@@ -259,6 +277,9 @@ class Threshold(TestCase):
 class NothingKeptPerSocket(TestCase):
     @inlineCallbacks
     def test_no_zlib_object_between_messages(self) -> Any:
+        """A compressing socket keeps no zlib object, only which pushed
+        frame its client's inflater window ends with (the frame's link,
+        which keyed history primes the next frame of that key with)."""
         server = start_server(self, rate_limit=0)
         client = yield raw_connect(server.port, deflate=CHROMIUM, test=self)
         proto = server_side(server, client)
@@ -266,18 +287,27 @@ class NothingKeptPerSocket(TestCase):
         for _ in range(3):
             client.send_compressed(PING)
         yield wait_for(lambda: len(client.messages) == 4)
-        event = event_of("e1", "compressible " * 500)
-        yield server.bus.publish(server.layout.classic_exec(U, "g1", "e1"), publish.envelope(event))
-        yield wait_for(lambda: len(client.messages) == 5)
-        self.assertEqual(client.compressed, [False] * 4 + [True])
+        for number in range(3):
+            event = event_of("e1", f"compressible {number} " * 500)
+            yield server.bus.publish(server.layout.classic_exec(U, "g1", "e1"), publish.envelope(event))
+        yield wait_for(lambda: len(client.messages) == 7)
+        self.assertEqual(client.compressed, [False] * 4 + [True] * 3)
+        # the first on its own, the next two primed with the one before
+        self.assertEqual([alone(payload_of(f)) is not None for f in client.wire[4:]], [True, False, False])
         pmce = proto._perMessageCompress
         self.assertIsInstance(pmce, Inflate)
         self.assertIsNone(pmce._decompressor)
         self.assertIsNone(pmce._compressor)
+        link = proto._window
+        self.assertIsInstance(link, wire.Link)
+        self.assertEqual(link.history, client.messages[-1])
         for holder in (proto, pmce):
             for name, value in vars(holder).items():
                 self.assertFalse(isinstance(value, ZLIB_OBJECTS), name)
         self.assertNotIn("websocket_extensions_in_use", vars(proto))  # it held Autobahn's own object
+        client.send_compressed(PING)
+        yield wait_for(lambda: len(client.messages) == 8)
+        self.assertIsNone(proto._window)  # a reply: the window no longer ends with a pushed frame
 
 
 def rss(pid: int) -> int:
