@@ -7,7 +7,7 @@ and runs it with run_processes() until SIGTERM or SIGINT.
 
 import sys
 
-from autogpt_ws.cli import main
+from autogpt_ws.running.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -58,11 +58,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run  # noqa: E402
 
-from autogpt_ws import publish, wire  # noqa: E402
-from autogpt_ws.bus.channels import Layout  # noqa: E402
+from autogpt_ws.producing import publish
+from autogpt_ws.core import wire
+from autogpt_ws.core.channels import Layout  # noqa: E402
 from autogpt_ws.config import DEFAULT_USER_ID as USER  # noqa: E402
-from autogpt_ws.deflate import Deflater  # noqa: E402
-from autogpt_ws.hub import Hub  # noqa: E402
+from autogpt_ws.sockets.deflate import Deflater  # noqa: E402
+from autogpt_ws.core.hub import Hub  # noqa: E402
 from autogpt_ws.metrics import Stats  # noqa: E402
 
 LAYOUT = Layout()

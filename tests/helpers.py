@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from autogpt_ws.config import DEFAULT_USER_ID, Settings, load
-from autogpt_ws.service import WebsocketServer
+from autogpt_ws.running.service import WebsocketServer
 
 U = DEFAULT_USER_ID
 
@@ -175,7 +175,7 @@ def token(sub: Any = "user-1", key: Any = SECRET, algorithm: str = "HS256", aud:
 def padded(event: dict[str, Any], size: int) -> dict[str, Any]:
     """``event`` with a ``pad`` key making its published envelope exactly
     ``size`` bytes."""
-    from autogpt_ws.publish import envelope
+    from autogpt_ws.producing.publish import envelope
 
     base = len(envelope({**event, "pad": ""}, max_size=size * 2))
     event = {**event, "pad": "x" * (size - base)}

@@ -25,10 +25,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from autogpt_ws import logs
-from autogpt_ws.auth import AuthFailure, Identity, KeySetVerifier, http_fetcher
+from autogpt_ws.running import logs
+from autogpt_ws.sockets.auth import AuthFailure, Identity, KeySetVerifier, http_fetcher
 from autogpt_ws.config import load
-from autogpt_ws.service import WebsocketServer
+from autogpt_ws.running.service import WebsocketServer
 from tests.helpers import (
     SECRET, U, Client, SilentServer, connect, make_settings, raw_request, start_server, token, upgrade_request,
 )
@@ -507,7 +507,7 @@ class KeySetMode(AuthCase):
         failures: list[str] = []
 
         def observe(event: dict[str, Any]) -> None:
-            if event.get("log_namespace") == "autogpt_ws.auth" and "fetch" in event.get("log_format", ""):
+            if event.get("log_namespace") == "autogpt_ws.sockets.auth" and "fetch" in event.get("log_format", ""):
                 failures.append(formatEvent(event))
 
         globalLogPublisher.addObserver(observe)

@@ -26,12 +26,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from autogpt_ws import publish, wire
+from autogpt_ws.producing import publish
+from autogpt_ws.core import wire
 from autogpt_ws.bus import IEventBus
-from autogpt_ws.bus.channels import Layout
+from autogpt_ws.core.channels import Layout
 from autogpt_ws.bus.executions import ExecutionResolver
 from autogpt_ws.bus.slots import key_slot
-from autogpt_ws.service import WebsocketServer
+from autogpt_ws.running.service import WebsocketServer
 from tests.helpers import (SECRET, U, AutogptDatabase, Client, ClusterPublisher, RedisCluster, SilentServer, free_port,
                            make_cluster, make_database, padded, redis_call, shared_fixture, sleep, start_server,
                            token, wait_for)
@@ -702,7 +703,7 @@ class OurClusterPublisher(ClusterTestCase):
 
     @inlineCallbacks
     def test_demo_executor_on_the_cluster_bus(self) -> Any:
-        from autogpt_ws.tap import build
+        from autogpt_ws.running.tap import build
         from tests.helpers import make_settings
 
         settings = make_settings(event_bus="redis-cluster", redis_cluster_host="127.0.0.1",

@@ -21,13 +21,14 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish, wire
-from autogpt_ws.bus.channels import Layout
-from autogpt_ws.catchup import LatestEvents, entry_cost, graph_cost
-from autogpt_ws.hub import Hub
+from autogpt_ws.producing import publish
+from autogpt_ws.core import wire
+from autogpt_ws.core.channels import Layout
+from autogpt_ws.core.catchup import LatestEvents, entry_cost, graph_cost
+from autogpt_ws.core.hub import Hub
 from autogpt_ws.metrics import Metrics, Stats
-from autogpt_ws.router import Router
-from autogpt_ws.session import Session
+from autogpt_ws.core.router import Router
+from autogpt_ws.core.session import Session
 from tests.helpers import SECRET, U, Client, connect, make_settings, start_server, token
 
 LAYOUT = Layout()

@@ -16,8 +16,9 @@ from isal import isal_zlib
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish, wire
-from autogpt_ws.deflate import Deflater, Inflate
+from autogpt_ws.producing import publish
+from autogpt_ws.core import wire
+from autogpt_ws.sockets.deflate import Deflater, Inflate
 from autogpt_ws.metrics import Stats
 from tests.helpers import (
     U, RawClient, connect, extensions_answer, free_port, http_fetch, raw_connect, redis_server, server_side,

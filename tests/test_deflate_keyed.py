@@ -25,11 +25,12 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish, wire
-from autogpt_ws.deflate import Deflater
-from autogpt_ws.hub import HISTORY_IDLE, HISTORY_SWEEP, Hub
+from autogpt_ws.producing import publish
+from autogpt_ws.core import wire
+from autogpt_ws.sockets.deflate import Deflater
+from autogpt_ws.core.hub import HISTORY_IDLE, HISTORY_SWEEP, Hub
 from autogpt_ws.metrics import Stats
-from autogpt_ws.service import WebsocketServer
+from autogpt_ws.running.service import WebsocketServer
 from tests.helpers import (
     U, RawClient, connect, extensions_answer, make_settings, raw_connect, server_side, sleep, start_server,
     wait_for,

@@ -7,8 +7,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.demo import DEMO_GRAPH, NODES, DemoExecutor
-from autogpt_ws.tap import Options, build
+from autogpt_ws.producing.demo import DEMO_GRAPH, NODES, DemoExecutor
+from autogpt_ws.running.tap import Options, build
 from tests.helpers import U, connect, start_server
 
 

@@ -33,10 +33,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish, wire
-from autogpt_ws.bus.channels import Layout
+from autogpt_ws.producing import publish
+from autogpt_ws.core import wire
+from autogpt_ws.core.channels import Layout
 from autogpt_ws.config import load
-from autogpt_ws.service import WebsocketServer
+from autogpt_ws.running.service import WebsocketServer
 from tests.helpers import (U, ClusterPublisher, RedisServer, free_port, http_get, raw_request,
                            make_cluster, make_database, redis_call, redis_server, shared_fixture,
                            sleep, start_server, token, upgrade_request, wait_for)
@@ -467,7 +468,7 @@ class CleartextKeySet(TestCase):
         self.assertEqual(warnings, [])
 
     def test_local_hosts_are_trusted(self) -> None:
-        from autogpt_ws.auth import cleartext_remote_host
+        from autogpt_ws.sockets.auth import cleartext_remote_host
 
         for url in ("http://localhost:3000/api/auth/jwks", "http://127.0.0.1:3000/x", "http://[::1]:3000/x",
                     "http://frontend:3000/api/auth/jwks", "https://auth.example.com/jwks", "file:///keys.json"):

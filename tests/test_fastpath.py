@@ -12,11 +12,13 @@ from autobahn.util import hltype
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import lazylog, publish, wire
-from autogpt_ws.bus.channels import Layout
-from autogpt_ws.hub import Hub
+from autogpt_ws.sockets import lazylog
+from autogpt_ws.producing import publish
+from autogpt_ws.core import wire
+from autogpt_ws.core.channels import Layout
+from autogpt_ws.core.hub import Hub
 from autogpt_ws.metrics import Stats
-from autogpt_ws.router import GRAPH_MARK, Router
+from autogpt_ws.core.router import GRAPH_MARK, Router
 from tests.helpers import U, connect, sleep, start_server
 
 LAYOUT = Layout()
@@ -295,7 +297,7 @@ class FrontDoorRouting(TestCase):
 
 class VerifyWithoutWaiting(TestCase):
     def test_secret_and_disabled_verifiers_answer_at_once(self) -> None:
-        from autogpt_ws.auth import AuthFailure, DisabledVerifier, SecretVerifier
+        from autogpt_ws.sockets.auth import AuthFailure, DisabledVerifier, SecretVerifier
         from tests.helpers import SECRET, token
 
         verifier = SecretVerifier(SECRET, "HS256", "authenticated", 0)

@@ -31,7 +31,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.heads import MAX_HEADERS, HeadReader, HeadRefused
+from autogpt_ws.web.heads import MAX_HEADERS, HeadReader, HeadRefused
 from tests.helpers import free_port, ws_client_frame
 from tests.test_runners import Process, clean_env, ws_py
 

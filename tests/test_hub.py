@@ -9,11 +9,11 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import wire
-from autogpt_ws.hub import Hub
+from autogpt_ws.core import wire
+from autogpt_ws.core.hub import Hub
 from autogpt_ws.metrics import Stats
-from autogpt_ws.session import Session
-from autogpt_ws.wire import OutFrame
+from autogpt_ws.core.session import Session
+from autogpt_ws.core.wire import OutFrame
 
 
 class FakeSink:

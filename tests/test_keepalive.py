@@ -12,7 +12,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.service import WebsocketServer
+from autogpt_ws.running.service import WebsocketServer
 from tests.helpers import SECRET, RawClient, make_settings, raw_connect, sleep, start_server, token, wait_for
 
 HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'
@@ -139,10 +139,10 @@ class FakeSocket:
 
 
 class Wheel(TestCase):
-    """The one timer behind every socket's pings (autogpt_ws.keepalive)."""
+    """The one timer behind every socket's pings (autogpt_ws.sockets.keepalive)."""
 
     def setUp(self) -> None:
-        from autogpt_ws.keepalive import PING, Keepalive
+        from autogpt_ws.sockets.keepalive import PING, Keepalive
 
         self.PING = PING
         self.clock = Clock()
@@ -209,7 +209,7 @@ class Wheel(TestCase):
         self.assertTrue(sock.aborted)  # its deadline counts from when it was sent
 
     def test_no_deadline(self) -> None:
-        from autogpt_ws.keepalive import Keepalive
+        from autogpt_ws.sockets.keepalive import Keepalive
 
         keepalive = Keepalive(self.clock, interval=1.0, timeout=0)
         keepalive.start()

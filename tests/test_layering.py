@@ -33,7 +33,7 @@ LAYERS = {
 }
 EDGES = ("bus", "sockets", "web")
 SHARED = ("autogpt_ws", "autogpt_ws.config", "autogpt_ws.stats", "autogpt_ws.origins")
-ENTRY = ("autogpt_ws.service", "autogpt_ws.app")
+ENTRY = ("autogpt_ws.running.service", "autogpt_ws.running.app")
 
 
 def modules() -> dict[str, str]:

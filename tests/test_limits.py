@@ -19,8 +19,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish
-from autogpt_ws.limits import TokenBucket
+from autogpt_ws.producing import publish
+from autogpt_ws.sockets.limits import TokenBucket
 from tests.helpers import (
     SECRET, U, HandshakeRefused, RawClient, deflated, raw_connect, server_side, sleep, start_server, token,
     wait_for, ws_client_frame,

@@ -11,7 +11,7 @@ from twisted.logger import ILogObserver, LogLevel, LogPublisher, Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import logs
+from autogpt_ws.running import logs
 
 
 class Observers(TestCase):

@@ -9,8 +9,8 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.factory import deflate_bound
-from autogpt_ws.protocol import HANDSHAKE_ONLY, SendQueue
+from autogpt_ws.sockets.factory import deflate_bound
+from autogpt_ws.sockets.protocol import HANDSHAKE_ONLY, SendQueue
 from tests.helpers import connect, sleep, start_server, wait_for
 
 

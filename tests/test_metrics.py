@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish
-from autogpt_ws.service import WebsocketServer
+from autogpt_ws.producing import publish
+from autogpt_ws.running.service import WebsocketServer
 from tests.helpers import SECRET, HandshakeRefused, RawClient, http_fetch, raw_connect, sleep, start_server, token, wait_for
 
 HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'

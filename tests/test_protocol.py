@@ -9,8 +9,8 @@ from typing import Any, Sequence
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish
-from autogpt_ws.service import WebsocketServer
+from autogpt_ws.producing import publish
+from autogpt_ws.running.service import WebsocketServer
 from tests.helpers import U, Client, connect, start_server, wait_for
 
 Ub = U.encode()

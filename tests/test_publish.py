@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish_cli
-from autogpt_ws.bus.channels import Layout
+from autogpt_ws.producing import publish_cli
+from autogpt_ws.core.channels import Layout
 from autogpt_ws.bus.redis_client import Connection, RedisAddress, RedisPublisher
 from autogpt_ws.bus.resp import connect as resp_connect, handshake
 from autogpt_ws.config import load
@@ -253,7 +253,7 @@ class CommandSubprocess(TestCase):
         if os.path.exists(script):
             executable, args = script, ["publish", *argv]
         else:
-            executable, args = PYTHON, ["-c", "import sys; from autogpt_ws.cli import main; sys.exit(main())",
+            executable, args = PYTHON, ["-c", "import sys; from autogpt_ws.running.cli import main; sys.exit(main())",
                                         "publish", *argv]
         clean = {k: v for k, v in os.environ.items()
                  if not k.startswith(("REDIS_", "EVENT_BUS", "AUTOGPT_WS", "EXECUTION_EVENT", "NOTIFICATION_EVENT"))}

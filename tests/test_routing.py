@@ -14,8 +14,8 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish
-from autogpt_ws.service import WebsocketServer
+from autogpt_ws.producing import publish
+from autogpt_ws.running.service import WebsocketServer
 from tests.helpers import SECRET, U, Client, connect, padded, start_server, token, wait_for
 
 PING = b'{"method":"heartbeat","data":"ping","success":true}'

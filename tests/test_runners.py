@@ -322,7 +322,7 @@ class CommandLine(TestCase):
     def test_one_version_everywhere(self) -> None:
         for argv in (console_script("--version"), ws_py("--version"), twistd("autogpt-ws", "--version"),
                      console_script("publish", "--version"),
-                     [sys.executable, "-m", "autogpt_ws.worker", "--version"]):
+                     [sys.executable, "-m", "autogpt_ws.running.worker", "--version"]):
             done = self.run_cli(argv)
             self.assertEqual((done.returncode, done.stdout), (0, f"autogpt-ws {__version__}\n"), argv)
 
@@ -335,7 +335,7 @@ class CommandLine(TestCase):
     def test_startup_line_names_the_address_and_the_worker(self) -> None:
         from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
-        from autogpt_ws.service import format_listen_address
+        from autogpt_ws.running.service import format_listen_address
 
         self.assertEqual(format_listen_address(IPv4Address("TCP", "0.0.0.0", 8001)), "0.0.0.0:8001")
         self.assertEqual(format_listen_address(IPv6Address("TCP", "::1", 8001)), "[::1]:8001")
@@ -349,7 +349,7 @@ class CommandLine(TestCase):
         self.assertEqual(proc.stop(), 0)
         self.assertIn(f"autogpt-ws {__version__} listening on {path} (pid {proc.popen.pid})", proc.stdout)
         port = free_port()
-        worker = Process(self, [sys.executable, "-m", "autogpt_ws.worker", "--host", "127.0.0.1"],
+        worker = Process(self, [sys.executable, "-m", "autogpt_ws.running.worker", "--host", "127.0.0.1"],
                          env=clean_env(AUTOGPT_WS_WORKER_INDEX="3", AUTOGPT_WS_WORKER_PORT=str(port)))
         worker.wait_healthy(port)
         self.assertEqual(worker.stop(), 0)
@@ -418,7 +418,7 @@ class TwistdRunner(TestCase):
         self.assertTrue(removed(pidfile), "pidfile left behind")  # the daemon removes it after telling the parent
         with open(logfile) as handle:
             log = handle.read()
-        self.assertIn(f"[autogpt_ws.tap#critical] cannot listen on tcp:{port}:interface=127.0.0.1", log)
+        self.assertIn(f"[autogpt_ws.running.tap#critical] cannot listen on tcp:{port}:interface=127.0.0.1", log)
         self.assertIn("Address already in use", log)
 
 
@@ -441,7 +441,7 @@ class Plugin(TestCase):
     timeout = 60
 
     def options(self, *args: str) -> Any:
-        from autogpt_ws.tap import Options
+        from autogpt_ws.running.tap import Options
 
         options = Options(env={"ENABLE_AUTH": "false"})
         options.parseOptions(list(args))
@@ -455,7 +455,7 @@ class Plugin(TestCase):
         makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker, twisted.plugins)}
         self.assertIn("autogpt-ws", makers)
         maker = makers["autogpt-ws"]
-        self.assertEqual(maker.module, "autogpt_ws.tap")
+        self.assertEqual(maker.module, "autogpt_ws.running.tap")
 
     @inlineCallbacks
     def test_make_service_serves(self) -> Any:
@@ -463,7 +463,7 @@ class Plugin(TestCase):
         from twisted.plugin import getPlugins
         import twisted.plugins
 
-        from autogpt_ws.service import WebsocketServer
+        from autogpt_ws.running.service import WebsocketServer
 
         maker = next(m for m in getPlugins(IServiceMaker, twisted.plugins) if m.tapname == "autogpt-ws")
         options = maker.options()
@@ -493,7 +493,7 @@ class Plugin(TestCase):
     def test_bad_option_value_exits_2(self) -> None:
         import io
 
-        from autogpt_ws.tap import Options
+        from autogpt_ws.running.tap import Options
 
         stderr = io.StringIO()
         with self.assertRaises(SystemExit) as caught:
@@ -509,7 +509,7 @@ class Signals(TestCase):
     def test_first_stops_second_exits(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
-        from autogpt_ws.app import Signals as AppSignals
+        from autogpt_ws.running.app import Signals as AppSignals
 
         reactor = MemoryReactorClock()
         reactor.running = True
@@ -563,11 +563,11 @@ class Packaging(TestCase):
             installed = os.path.join(work, "site")
             wheel.extractall(installed)
         self.assertIn("twisted/plugins/autogpt_ws_plugin.py", names)
-        self.assertIn("autogpt_ws/tap.py", names)
+        self.assertIn("autogpt_ws/running/tap.py", names)
         self.assertIn("autogpt_ws/bus/memory.py", names)
         self.assertEqual([n for n in names if n.startswith("twisted/") and n.endswith("__init__.py")], [])
         self.assertEqual([n for n in names if "dropin.cache" in n or "/tests/" in n or n.startswith("tests/")], [])
-        self.assertIn("autogpt-ws = autogpt_ws.cli:main", entry_points)
+        self.assertIn("autogpt-ws = autogpt_ws.running.cli:main", entry_points)
         # twistd --help, importing only the unpacked wheel and the
         # dependencies (-S: no .pth, so no editable checkout on the path)
         paths = [installed, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]

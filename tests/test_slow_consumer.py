@@ -19,9 +19,9 @@ from twisted.internet import threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish
-from autogpt_ws.protocol import ServerProtocol
-from autogpt_ws.service import WebsocketServer
+from autogpt_ws.producing import publish
+from autogpt_ws.sockets.protocol import ServerProtocol
+from autogpt_ws.running.service import WebsocketServer
 from tests.helpers import (
     U, RawClient, raw_connect, raw_upgrade_request, server_side, sleep, start_server, wait_for, ws_client_frame,
 )

@@ -1,7 +1,7 @@
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import publish
+from autogpt_ws.producing import publish
 from tests.helpers import U, connect, start_server
 
 

@@ -16,7 +16,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import logs
+from autogpt_ws.running import logs
 from tests.helpers import connect, raw_connect, start_server, wait_for
 
 HEALTHY = b'{"status":"healthy"}'
@@ -311,5 +311,5 @@ class AccessLog(TestCase):
             self.assertIn("GET /health?token=***&x=1 200 20B", out)
             self.assertNotIn("SECRETXYZ", out)
             # our access log redacts at the source, not only in the observer
-            access = [event for event in events if event.get("log_namespace") == "autogpt_ws.web"]
+            access = [event for event in events if event.get("log_namespace") == "autogpt_ws.web.routes"]
             self.assertEqual([formatEvent(event) for event in access], ["GET /health?token=***&x=1 200 20B"])

@@ -10,8 +10,8 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws import wire
-from autogpt_ws.wire import (
+from autogpt_ws.core import wire
+from autogpt_ws.core.wire import (
     ERR_DATA_INVALID,
     ERR_DATA_MISSING,
     ERR_FORMAT,

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SkipTest, TestCase
 
-from autogpt_ws.workers import ReusePortEndpoint, worker_argv
+from autogpt_ws.running.workers import ReusePortEndpoint, worker_argv
 from tests.helpers import PYTHON, U, connect, free_port, redis_server, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,9 +16,9 @@ from zope.interface import Attribute
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from ..hub import Hub
+    from ..core.hub import Hub
     from ..metrics import Stats
-    from ..router import Router
+    from ..core.router import Router
 
 
 class IEventBus(IService):

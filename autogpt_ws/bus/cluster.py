@@ -2,7 +2,7 @@
 
 Redis Cluster has no wildcard for shard channels, so the bus subscribes to
 exactly the channels this server's sockets need, driven by the hub
-(:class:`~autogpt_ws.hub.HubWatcher`)::
+(:class:`~autogpt_ws.core.hub.HubWatcher`)::
 
     graph key  <u>|graph#<g>|executions -> <exec_bus>/{<u>/<g>}/all
     exec key   <u>|graph_exec#<e>       -> <exec_bus>/{<u>/<g>}/exec/<e>   (g from the resolver)
@@ -48,10 +48,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..config import Settings, redis_seed
-from ..hub import Hub
+from ..core.hub import Hub
 from ..metrics import Stats
-from ..catchup import LatestEvents
-from ..router import Router
+from ..core.catchup import LatestEvents
+from ..core.router import Router
 from . import IEventBus
 from .executions import ExecutionResolver, describe_url
 from .gate import ClusterGate

@@ -26,9 +26,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import Settings, redis_seed
-from ..hub import Hub
+from ..core.hub import Hub
 from ..metrics import Stats
-from ..router import Router
+from ..core.router import Router
 from . import IEventBus, make_bus
 from .redis_client import describe_error
 from .resp import RedisProtocol, connect, handshake

@@ -27,7 +27,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .. import wire
+from ..core import wire
 from .executions import ExecutionResolver
 from .replay import ClusterCatchup
 

@@ -11,7 +11,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from ..router import Router
+from ..core.router import Router
 from . import IEventBus
 
 

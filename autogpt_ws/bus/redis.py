@@ -47,9 +47,9 @@ from zope.interface import implementer
 
 from ..config import Settings
 from ..metrics import Stats
-from ..router import Router
+from ..core.router import Router
 from . import IEventBus
-from .channels import Layout
+from ..core.channels import Layout
 from .redis_client import Connection, RedisAddress, RedisPublisher, describe_error
 from .resp import RedisError, RedisProtocol, handshake
 

@@ -2,7 +2,7 @@
 found.
 
 A server on the sharded bus hears only the channels it subscribes to, so
-its own cache (:class:`~autogpt_ws.catchup.LatestEvents`) knows a channel's
+its own cache (:class:`~autogpt_ws.core.catchup.LatestEvents`) knows a channel's
 latest events only from the moment the channel was confirmed on its shard.
 What came before is in the store (:mod:`store`): the instances that were
 subscribed wrote it there, this one included before a restart.  So:
@@ -35,10 +35,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .. import wire
-from ..catchup import LatestEvents
+from ..core import wire
+from ..core.catchup import LatestEvents
 from ..metrics import Stats
-from .channels import Layout, Parsed
+from ..core.channels import Layout, Parsed
 from .store import LatestStore
 
 log = Logger()

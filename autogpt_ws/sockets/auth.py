@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .config import DEFAULT_USER_ID, Settings
+from ..config import DEFAULT_USER_ID, Settings
 
 log = Logger()
 

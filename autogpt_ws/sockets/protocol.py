@@ -32,10 +32,10 @@ from twisted.python.failure import Failure
 from . import deflate, lazylog
 from .auth import AuthFailure, Identity
 from .limits import TokenBucket
-from .metrics import close_code_label
+from ..metrics import close_code_label
 from .outbound import CLOSE_TRY_AGAIN, Outbound  # noqa: F401 (1013, with the other close codes)
-from .session import Session
-from .wire import ERR_RATE_LIMITED, error, ws_text_frame
+from ..core.session import Session
+from ..core.wire import ERR_RATE_LIMITED, error, ws_text_frame
 
 if TYPE_CHECKING:
     from .factory import WebsocketFactory

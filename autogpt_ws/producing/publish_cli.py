@@ -26,11 +26,12 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import react
 from twisted.python import usage
 
-from . import __version__, publish
-from .bus.channels import Layout
-from .bus.cluster_publish import ClusterPublisher
-from .bus.redis_client import RedisPublisher
-from .config import DEFAULT_USER_ID, ConfigError, Settings, config_file_from, load
+from .. import __version__
+from . import publish
+from ..core.channels import Layout
+from ..bus.cluster_publish import ClusterPublisher
+from ..bus.redis_client import RedisPublisher
+from ..config import DEFAULT_USER_ID, ConfigError, Settings, config_file_from, load
 
 STATUSES = ("INCOMPLETE", "QUEUED", "RUNNING", "COMPLETED", "TERMINATED", "FAILED", "REVIEW")
 

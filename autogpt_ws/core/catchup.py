@@ -34,8 +34,8 @@ from collections import OrderedDict
 from typing import Protocol
 
 from . import wire
-from .config import Settings
-from .metrics import Stats
+from ..config import Settings
+from ..metrics import Stats
 
 FINAL = frozenset(("COMPLETED", "TERMINATED", "FAILED"))
 
@@ -89,7 +89,7 @@ def graph_cost(user_id: str, graph_id: str) -> int:
 class LatestEvents:
     """The latest graph event of each execution, per user.
 
-    ``record`` is the router's :class:`~autogpt_ws.router.GraphEventSink`;
+    ``record`` is the router's :class:`~autogpt_ws.core.router.GraphEventSink`;
     ``for_execution`` and ``for_graph`` are the session's ``Catchup``.
     """
 

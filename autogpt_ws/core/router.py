@@ -16,9 +16,9 @@ from typing import Any, Callable, Protocol
 from twisted.logger import Logger
 
 from . import wire
-from .bus.channels import Layout, Parsed
+from .channels import Layout, Parsed
 from .hub import Hub
-from .metrics import Stats
+from ..metrics import Stats
 
 log = Logger()
 

@@ -48,8 +48,8 @@ from autobahn.websocket.compress import (
 )
 from isal import isal_zlib
 
-from .metrics import Stats
-from .wire import NO_STREAM, Link, OutFrame, ws_text_frame
+from ..metrics import Stats
+from ..core.wire import NO_STREAM, Link, OutFrame, ws_text_frame
 
 EXTENSION = "permessage-deflate"
 MEM_LEVEL = 8  # ISA-L's state for one frame (~370 KiB, freed at once); 1 to 9 change little here

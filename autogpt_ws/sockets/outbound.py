@@ -40,12 +40,12 @@ from twisted.logger import Logger
 
 from .flush import send_direct
 from .limits import descriptor_of, frame_rest, keep_unsent, unsent_bytes
-from .wire import OutFrame
+from ..core.wire import OutFrame
 
 if TYPE_CHECKING:
     from .deflate import Deflater
     from .factory import WebsocketFactory
-    from .wire import Link
+    from ..core.wire import Link
 
 log = Logger()
 

@@ -16,10 +16,10 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
-from .config import Settings
+from ..config import Settings
 from .heads import OVERLOADED, HeadReader, HeadRefused, Refusal, refuse
-from .metrics import Stats
-from .origins import OriginList
+from ..metrics import Stats
+from ..origins import OriginList
 
 log = Logger()
 

@@ -11,17 +11,17 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from . import __version__
+from .. import __version__
 from .auth import TokenVerifier
-from .config import Settings
+from ..config import Settings
 from .deflate import Deflaters, acceptor
 from .flush import Flusher
 from .keepalive import Keepalive
-from .hub import Hub
-from .metrics import Stats
-from .origins import OriginList
+from ..core.hub import Hub
+from ..metrics import Stats
+from ..origins import OriginList
 from .protocol import CLOSE_GOING_AWAY, ServerProtocol
-from .session import Catchup, Session, SubscriptionGate
+from ..core.session import Catchup, Session, SubscriptionGate
 
 log = Logger()
 

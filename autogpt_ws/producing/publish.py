@@ -10,8 +10,8 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults
 
-from .bus.channels import Layout
-from .config import MiB
+from ..core.channels import Layout
+from ..config import MiB
 
 
 class Publisher(Protocol):

@@ -1,7 +1,7 @@
 """Several server processes on one port: ``--workers N``.
 
 The parent is a small supervisor: it binds nothing that serves, spawns N
-children (``python -m autogpt_ws.worker <same options>``), each a complete
+children (``python -m autogpt_ws.running.worker <same options>``), each a complete
 server with its own reactor, its own event-bus subscription and its own
 listening socket bound with ``SO_REUSEPORT``, so the kernel spreads new
 connections across them.  The supervisor
@@ -43,7 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .config import Settings
+from ..config import Settings
 
 log = Logger()
 
@@ -236,7 +236,7 @@ class Supervisor:
         if self.port is not None:
             env[ENV_PORT] = str(self.port)
         child = _Child(self, index)
-        args = [self.python, "-m", "autogpt_ws.worker", *self.argv]
+        args = [self.python, "-m", "autogpt_ws.running.worker", *self.argv]
         self.reactor.spawnProcess(child, self.python, args, env=env, childFDs={0: "w", 1: 1, 2: 2})
         self.children[index] = child
         self.launched.add(index)
@@ -349,7 +349,7 @@ def run_workers(settings: Settings, argv: Sequence[str], reactor: Any = None) ->
     return supervisor.status
 
 
-# -- the worker side (used by autogpt_ws.worker) ------------------------------------
+# -- the worker side (used by autogpt_ws.running.worker) ------------------------------------
 
 
 def detach_from_terminal_group() -> None:

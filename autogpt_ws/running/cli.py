@@ -33,7 +33,7 @@ def _optional(module: str, name: str) -> Callable[..., int] | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "publish":
-        publish_main = _optional("autogpt_ws.publish_cli", "main")
+        publish_main = _optional("autogpt_ws.producing.publish_cli", "main")
         if publish_main is None:
             sys.stderr.write("autogpt-ws: the publish command is not available in this build\n")
             return 2
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     assert settings is not None
     logs.start(settings.log_level, settings.log_format)
     if settings.workers > 1:
-        run_workers = _optional("autogpt_ws.workers", "run_workers")
+        run_workers = _optional("autogpt_ws.running.workers", "run_workers")
         if run_workers is None:
             sys.stderr.write("autogpt-ws: configuration error: workers: more than 1 is not supported by this build\n")
             return 2

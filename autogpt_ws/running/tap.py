@@ -16,8 +16,9 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.util import untilConcludes
 
-from . import __version__, logs
-from .config import ConfigError, Settings, config_file_from, load
+from .. import __version__
+from . import logs
+from ..config import ConfigError, Settings, config_file_from, load
 
 log = Logger()
 
@@ -166,7 +167,7 @@ def build(settings: Settings, demo: bool = False, reactor: Any = None, worker: i
 
     server = WebsocketServer(settings, reactor=reactor, worker=worker)
     if demo:
-        from .demo import DemoExecutor
+        from ..producing.demo import DemoExecutor
 
         # the bus says how to publish (an auto bus only once it knows its kind)
         DemoExecutor(server.bus.producer, server.layout, server.reactor).setServiceParent(server)
@@ -201,7 +202,7 @@ def report_daemon_startup(runner: type, logfile: str) -> None:
 
     twistd's child writes the failure to its parent over a pipe, cut to
     100 bytes, and the parent prints its bytes repr ("An error has
-    occurred: b'autogpt_ws.service.StartupError: cannot listen on
+    occurred: b'autogpt_ws.running.service.StartupError: cannot listen on
     tcp:8001:interface=0.0.0.0:backlog=4096: [Errno '"); the log file gets
     nothing.  Here the child logs the failure (the log file has it) and
     sends the whole line, and the parent prints it as it is, as

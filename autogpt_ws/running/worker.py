@@ -1,5 +1,5 @@
-"""One worker of ``autogpt-ws --workers N``: ``python -m autogpt_ws.worker
-[options]``, spawned by :mod:`autogpt_ws.workers`.
+"""One worker of ``autogpt-ws --workers N``: ``python -m autogpt_ws.running.worker
+[options]``, spawned by :mod:`autogpt_ws.running.workers`.
 
 The same options and settings as ``autogpt-ws``; the server is built the
 same way, then listens with SO_REUSEPORT on the port the supervisor chose,
