@@ -23,7 +23,7 @@ from autogpt_ws.core.channels import Layout
 from autogpt_ws.bus.redis import BACKOFF_MAX, RedisBus, RedisPublisher
 from autogpt_ws.bus.resp import connect as resp_connect
 from autogpt_ws.core.hub import Hub
-from autogpt_ws.metrics import Stats
+from autogpt_ws.stats import Stats
 from autogpt_ws.core.router import Router
 from autogpt_ws.running.service import WebsocketServer
 from autogpt_ws.running.tap import build

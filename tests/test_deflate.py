@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from autogpt_ws.producing import publish
 from autogpt_ws.core import wire
 from autogpt_ws.sockets.deflate import Deflater, Inflate
-from autogpt_ws.metrics import Stats
+from autogpt_ws.stats import Stats
 from tests.helpers import (
     U, RawClient, connect, extensions_answer, free_port, http_fetch, raw_connect, redis_server, server_side,
     sleep, start_server, wait_for,

@@ -29,7 +29,7 @@ from autogpt_ws.producing import publish
 from autogpt_ws.core import wire
 from autogpt_ws.sockets.deflate import Deflater
 from autogpt_ws.core.hub import HISTORY_IDLE, HISTORY_SWEEP, Hub
-from autogpt_ws.metrics import Stats
+from autogpt_ws.stats import Stats
 from autogpt_ws.running.service import WebsocketServer
 from tests.helpers import (
     U, RawClient, connect, extensions_answer, make_settings, raw_connect, server_side, sleep, start_server,

@@ -17,7 +17,7 @@ from autogpt_ws.producing import publish
 from autogpt_ws.core import wire
 from autogpt_ws.core.channels import Layout
 from autogpt_ws.core.hub import Hub
-from autogpt_ws.metrics import Stats
+from autogpt_ws.stats import Stats
 from autogpt_ws.core.router import GRAPH_MARK, Router
 from tests.helpers import U, connect, sleep, start_server
 

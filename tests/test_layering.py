@@ -33,7 +33,7 @@ LAYERS = {
 }
 EDGES = ("bus", "sockets", "web")
 SHARED = ("autogpt_ws", "autogpt_ws.config", "autogpt_ws.stats", "autogpt_ws.origins")
-ENTRY = ("autogpt_ws.running.service", "autogpt_ws.running.app")
+ENTRY = ("autogpt_ws.service", "autogpt_ws.app")
 
 
 def modules() -> dict[str, str]:
@@ -157,3 +157,31 @@ class Layering(TestCase):
         for name in self.files:
             layers[layer(name)].add(name)
         self.assertEqual(set(layers), set(LAYERS))
+
+
+class EntryPoints(TestCase):
+    """What users import and run keeps working where it always was."""
+
+    def test_public_names(self) -> None:
+        from autogpt_ws.app import run_processes
+        from autogpt_ws.running import app, service
+        from autogpt_ws.service import WebsocketServer
+
+        self.assertIs(WebsocketServer, service.WebsocketServer)
+        self.assertIs(run_processes, app.run_processes)
+
+    def test_console_script_and_plugin_name_real_modules(self) -> None:
+        import configparser
+        import importlib
+
+        from twisted.application.service import IServiceMaker
+        from twisted.plugin import getPlugins
+        from twisted import plugins
+
+        parser = configparser.ConfigParser()
+        parser.read(os.path.join(os.path.dirname(ROOT), "setup.cfg"))
+        target = parser["options.entry_points"]["console_scripts"].split("=", 1)[1].strip()
+        module, _, function = target.partition(":")
+        self.assertTrue(callable(getattr(importlib.import_module(module), function)))
+        [maker] = [p for p in getPlugins(IServiceMaker, plugins) if p.tapname == "autogpt-ws"]
+        self.assertTrue(callable(importlib.import_module(maker.module).makeService))

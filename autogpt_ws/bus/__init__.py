@@ -9,16 +9,10 @@ configured Redis which of the two it is and runs that one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.application.service import IService
 from zope.interface import Attribute
-
-if TYPE_CHECKING:
-    from ..config import Settings
-    from ..core.hub import Hub
-    from ..metrics import Stats
-    from ..core.router import Router
 
 
 class IEventBus(IService):
@@ -34,24 +28,3 @@ class IEventBus(IService):
         """(publisher, sharded) for producers in this process (the demo
         executor): something with ``publish(channel, data)``, and whether it
         takes the sharded channel names; None while the bus cannot say."""
-
-
-def make_bus(settings: "Settings", router: "Router", reactor: Any, stats: "Stats", hub: "Hub",
-             kind: str | None = None) -> IEventBus:
-    """The bus ``settings.event_bus`` (or ``kind``) names."""
-    kind = kind or settings.event_bus
-    if kind == "redis":
-        from .redis import RedisBus
-
-        return RedisBus(settings, router, reactor, stats)
-    if kind == "redis-cluster":
-        from .cluster import ClusterBus
-
-        return ClusterBus(settings, router, reactor, stats, hub)
-    if kind == "auto":
-        from .detect import AutoBus
-
-        return AutoBus(settings, router, reactor, stats, hub)
-    from .memory import MemoryBus
-
-    return MemoryBus(router)

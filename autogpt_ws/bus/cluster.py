@@ -47,9 +47,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..config import Settings, redis_seed
+from ..config import Settings
 from ..core.hub import Hub
-from ..metrics import Stats
+from ..stats import Stats
 from ..core.catchup import LatestEvents
 from ..core.router import Router
 from . import IEventBus
@@ -60,24 +60,11 @@ from .replay import ClusterCatchup
 from .store import LatestStore
 from .resp import RedisProtocol, connect, handshake
 from .shard import ConnectOptions, ShardLink, backoff, closed
-from .slots import Address, Remap, SlotMap, address_remap, format_address, key_slot, parse_address
+from .slots import Address, SlotMap, format_address, key_slot, remap_for, seed_nodes
 
 log = Logger()
 
 MIN_REFRESH_INTERVAL = 0.5  # a burst of MOVED/sunsubscribe costs one refresh per this
-
-
-def seed_nodes(settings: Settings) -> list[Address]:
-    """The seed (REDIS_CLUSTER_HOST/PORT, else REDIS_HOST/PORT), then any
-    more nodes listed in redis_cluster_nodes."""
-    seeds = [redis_seed(settings), *(parse_address(node) for node in settings.redis_cluster_nodes)]
-    return list(dict.fromkeys(seeds))
-
-
-def remap_for(settings: Settings) -> Remap:
-    """REDIS_USE_ANNOUNCED_ADDRESS, with the seed's host as the one to use
-    when it is false."""
-    return address_remap(redis_seed(settings)[0], settings.redis_use_announced_address)
 
 
 @implementer(IEventBus)

@@ -22,11 +22,10 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, inlineCallbacks
 
 from ..config import Settings
-from .cluster import remap_for, seed_nodes
 from .redis_client import RedisAddress, RedisPublisher
 from .resp import RedisError
 from .shard import moved_target
-from .slots import Address, Remap, key_slot
+from .slots import Address, Remap, key_slot, remap_for, seed_nodes
 
 MAX_REDIRECTS = 5
 

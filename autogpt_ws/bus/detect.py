@@ -26,10 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import Settings, redis_seed
-from ..core.hub import Hub
-from ..metrics import Stats
-from ..core.router import Router
-from . import IEventBus, make_bus
+from . import IEventBus
 from .redis_client import describe_error
 from .resp import RedisProtocol, connect, handshake
 from .shard import ConnectOptions, backoff, closed
@@ -49,14 +46,13 @@ class AutoBus(MultiService):
     kind = "auto"
     name = "auto-bus"
 
-    def __init__(self, settings: Settings, router: Router, reactor: Any, stats: Stats, hub: Hub, *,
+    def __init__(self, settings: Settings, reactor: Any, build: Callable[[str], IEventBus], *,
                  rng: Callable[[], float] = random.random) -> None:
+        """``build(kind)`` makes the bus found: ``redis-cluster`` or ``redis``."""
         super().__init__()
         self.settings = settings
-        self.router = router
         self.reactor = reactor
-        self.stats = stats
-        self.hub = hub
+        self.build = build
         self.rng = rng
         self.address = redis_seed(settings)
         self.inner: IEventBus | None = None
@@ -147,7 +143,7 @@ class AutoBus(MultiService):
         if is_cluster and not self.settings.database_url:
             log.error("DATABASE_URL is not set: on a Redis Cluster, subscribe_graph_execution needs AutoGPT's "
                       "database to find an execution's graph; those subscribes will get an error reply")
-        bus = make_bus(self.settings, self.router, self.reactor, self.stats, self.hub, kind=kind)
+        bus = self.build(kind)
         self.inner = bus
         bus.setServiceParent(self)  # started at once: we are running
         log.info("event bus {bus}", bus=bus.describe())

@@ -20,7 +20,7 @@ bounded by ``catchup_handover``.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
@@ -28,19 +28,37 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..core import wire
+from ..core.channels import Layout
 from .executions import ExecutionResolver
 from .replay import ClusterCatchup
-
-if TYPE_CHECKING:
-    from .cluster import ClusterBus
+from .slots import Address
 
 log = Logger()
 
 HANDOVER_POLL = 0.1  # seconds between two looks at who else holds our channels
 
 
+class Channels(Protocol):
+    """The cluster bus, as the gate sees it."""
+
+    layout: Layout
+    reactor: Any
+
+    def channel_for_key(self, key: str) -> str | None: ...
+
+    def want(self, channel: str) -> None: ...
+
+    def unwant(self, channel: str) -> None: ...
+
+    def confirmed(self, channel: str) -> bool: ...
+
+    def placed(self, channel: str) -> Address | None: ...
+
+    def recording(self) -> list[str]: ...
+
+
 class ClusterGate:
-    def __init__(self, bus: "ClusterBus", resolver: ExecutionResolver, catchup: ClusterCatchup | None,
+    def __init__(self, bus: Channels, resolver: ExecutionResolver, catchup: ClusterCatchup | None,
                  timeout: float) -> None:
         self.bus = bus
         self.resolver = resolver

@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..config import Settings
-from ..metrics import Stats
+from ..stats import Stats
 from ..core.router import Router
 from . import IEventBus
 from ..core.channels import Layout

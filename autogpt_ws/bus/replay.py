@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 
 from ..core import wire
 from ..core.catchup import LatestEvents
-from ..metrics import Stats
+from ..stats import Stats
 from ..core.channels import Layout, Parsed
 from .store import LatestStore
 

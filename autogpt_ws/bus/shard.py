@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import Settings, redis_address
-from ..metrics import Stats
+from ..stats import Stats
 from .resp import RedisError, RedisProtocol, connect, handshake
 from .slots import Address, format_address, parse_address
 

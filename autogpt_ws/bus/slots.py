@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from ..config import Settings, redis_seed
+
 SLOTS = 16384
 
 
@@ -140,3 +142,16 @@ class SlotMap:
         owners = list(self._owners)
         owners[slot] = address
         return SlotMap(owners)
+
+
+def seed_nodes(settings: Settings) -> list[Address]:
+    """The seed (REDIS_CLUSTER_HOST/PORT, else REDIS_HOST/PORT), then any
+    more nodes listed in redis_cluster_nodes."""
+    seeds = [redis_seed(settings), *(parse_address(node) for node in settings.redis_cluster_nodes)]
+    return list(dict.fromkeys(seeds))
+
+
+def remap_for(settings: Settings) -> Remap:
+    """REDIS_USE_ANNOUNCED_ADDRESS, with the seed's host as the one to use
+    when it is false."""
+    return address_remap(redis_seed(settings)[0], settings.redis_use_announced_address)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
-from ..metrics import Stats
+from ..stats import Stats
 from .redis_client import RedisAddress, RedisPublisher
 from .resp import RedisError
 from .shard import moved_target

@@ -35,7 +35,7 @@ from typing import Protocol
 
 from . import wire
 from ..config import Settings
-from ..metrics import Stats
+from ..stats import Stats
 
 FINAL = frozenset(("COMPLETED", "TERMINATED", "FAILED"))
 

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from . import wire
 from .channels import Layout, Parsed
 from .hub import Hub
-from ..metrics import Stats
+from ..stats import Stats
 
 log = Logger()
 

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from . import wire
 from .hub import Hub, Sink
-from ..metrics import Stats
+from ..stats import Stats
 
 log = Logger()
 

@@ -17,17 +17,40 @@ from twisted.python.failure import Failure
 
 from .. import __version__
 from ..sockets.auth import TokenVerifier, verifier_for
-from ..bus import IEventBus, make_bus
+from ..bus import IEventBus
 from ..core.channels import Layout
 from ..core.catchup import LatestEvents
 from ..config import Settings
 from ..sockets.factory import WebsocketFactory
 from ..core.hub import HISTORY_SWEEP, Hub
-from ..metrics import Metrics, Stats
+from ..stats import Stats
+from ..web.metrics import Metrics
 from ..core.router import Router
 from ..web.routes import QuietSite, Root, Upgrade
 
 log = Logger()
+
+
+def make_bus(settings: Settings, router: Router, reactor: Any, stats: Stats, hub: Hub,
+             kind: str | None = None) -> IEventBus:
+    """The bus ``settings.event_bus`` (or ``kind``) names; ``auto`` finds
+    out which of the Redis buses to run, and builds it with this."""
+    kind = kind or settings.event_bus
+    if kind == "redis":
+        from ..bus.redis import RedisBus
+
+        return RedisBus(settings, router, reactor, stats)
+    if kind == "redis-cluster":
+        from ..bus.cluster import ClusterBus
+
+        return ClusterBus(settings, router, reactor, stats, hub)
+    if kind == "auto":
+        from ..bus.detect import AutoBus
+
+        return AutoBus(settings, reactor, lambda found: make_bus(settings, router, reactor, stats, hub, found))
+    from ..bus.memory import MemoryBus
+
+    return MemoryBus(router)
 
 
 def format_listen_address(address: Any) -> str:

@@ -48,7 +48,7 @@ from autobahn.websocket.compress import (
 )
 from isal import isal_zlib
 
-from ..metrics import Stats
+from ..stats import Stats
 from ..core.wire import NO_STREAM, Link, OutFrame, ws_text_frame
 
 EXTENSION = "permessage-deflate"

@@ -18,7 +18,7 @@ from .deflate import Deflaters, acceptor
 from .flush import Flusher
 from .keepalive import Keepalive
 from ..core.hub import Hub
-from ..metrics import Stats
+from ..stats import Stats
 from ..origins import OriginList
 from .protocol import CLOSE_GOING_AWAY, ServerProtocol
 from ..core.session import Catchup, Session, SubscriptionGate

@@ -44,7 +44,7 @@ from ..core.wire import OutFrame
 
 if TYPE_CHECKING:
     from .deflate import Deflater
-    from .factory import WebsocketFactory
+    from .host import SocketHost
     from ..core.wire import Link
 
 log = Logger()
@@ -59,7 +59,7 @@ class Outbound:
     """Mixin for the Autobahn server protocol (which supplies ``state``,
     ``transport``, ``sendMessage``, ``sendCloseFrame``...)."""
 
-    factory: "WebsocketFactory"
+    factory: "SocketHost"
     transport: Any
     state: int
     user_id: str

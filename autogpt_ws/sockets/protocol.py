@@ -32,13 +32,13 @@ from twisted.python.failure import Failure
 from . import deflate, lazylog
 from .auth import AuthFailure, Identity
 from .limits import TokenBucket
-from ..metrics import close_code_label
+from ..stats import close_code_label
 from .outbound import CLOSE_TRY_AGAIN, Outbound  # noqa: F401 (1013, with the other close codes)
 from ..core.session import Session
 from ..core.wire import ERR_RATE_LIMITED, error, ws_text_frame
 
 if TYPE_CHECKING:
-    from .factory import WebsocketFactory
+    from .host import SocketHost
 
 log = Logger()
 lazylog.install()
@@ -72,7 +72,7 @@ RATE_LIMITED = error(ERR_RATE_LIMITED)
 
 
 class ServerProtocol(Outbound, WebSocketServerProtocol):
-    factory: "WebsocketFactory"
+    factory: "SocketHost"
 
     user_id: str = ""
     _expires_at: float | None = None  # the token's exp

@@ -18,7 +18,7 @@ from twisted.web.server import Request, Site
 
 from ..config import Settings
 from .heads import OVERLOADED, HeadReader, HeadRefused, Refusal, refuse
-from ..metrics import Stats
+from ..stats import Stats
 from ..origins import OriginList
 
 log = Logger()
