@@ -64,7 +64,7 @@ from autogpt_ws.core.channels import Layout  # noqa: E402
 from autogpt_ws.config import DEFAULT_USER_ID as USER  # noqa: E402
 from autogpt_ws.sockets.deflate import Deflater  # noqa: E402
 from autogpt_ws.core.hub import Hub  # noqa: E402
-from autogpt_ws.metrics import Stats  # noqa: E402
+from autogpt_ws.stats import Stats  # noqa: E402
 
 LAYOUT = Layout()
 BROWSER_OFFER = "permessage-deflate; client_max_window_bits"  # what Chromium sends

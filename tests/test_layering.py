@@ -176,6 +176,7 @@ class EntryPoints(TestCase):
 
         from twisted.application.service import IServiceMaker
         from twisted.plugin import getPlugins
+
         from twisted import plugins
 
         parser = configparser.ConfigParser()

@@ -48,19 +48,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..config import Settings
-from ..core.hub import Hub
-from ..stats import Stats
 from ..core.catchup import LatestEvents
+from ..core.hub import Hub
 from ..core.router import Router
+from ..stats import Stats
 from . import IEventBus
 from .executions import ExecutionResolver, describe_url
 from .gate import ClusterGate
 from .redis_client import RedisAddress
 from .replay import ClusterCatchup
-from .store import LatestStore
 from .resp import RedisProtocol, connect, handshake
 from .shard import ConnectOptions, ShardLink, backoff, closed
 from .slots import Address, SlotMap, format_address, key_slot, remap_for, seed_nodes
+from .store import LatestStore
 
 log = Logger()
 

@@ -46,10 +46,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..config import Settings
-from ..stats import Stats
-from ..core.router import Router
-from . import IEventBus
 from ..core.channels import Layout
+from ..core.router import Router
+from ..stats import Stats
+from . import IEventBus
 from .redis_client import Connection, RedisAddress, RedisPublisher, describe_error
 from .resp import RedisError, RedisProtocol, handshake
 

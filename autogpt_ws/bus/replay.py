@@ -37,8 +37,8 @@ from twisted.python.failure import Failure
 
 from ..core import wire
 from ..core.catchup import LatestEvents
-from ..stats import Stats
 from ..core.channels import Layout, Parsed
+from ..stats import Stats
 from .store import LatestStore
 
 log = Logger()

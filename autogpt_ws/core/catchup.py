@@ -33,9 +33,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Protocol
 
-from . import wire
 from ..config import Settings
 from ..stats import Stats
+from . import wire
 
 FINAL = frozenset(("COMPLETED", "TERMINATED", "FAILED"))
 

@@ -15,10 +15,10 @@ from typing import Any, Callable, Protocol
 
 from twisted.logger import Logger
 
+from ..stats import Stats
 from . import wire
 from .channels import Layout, Parsed
 from .hub import Hub
-from ..stats import Stats
 
 log = Logger()
 

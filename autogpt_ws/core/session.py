@@ -15,9 +15,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..stats import Stats
 from . import wire
 from .hub import Hub, Sink
-from ..stats import Stats
 
 log = Logger()
 

@@ -16,8 +16,8 @@ from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from ..core.channels import Layout
 from ..config import DEFAULT_USER_ID
+from ..core.channels import Layout
 from .publish import Publisher, graph_event, node_event, notification, publish_event, publish_notification
 
 log = Logger()

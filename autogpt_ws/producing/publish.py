@@ -10,8 +10,8 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults
 
-from ..core.channels import Layout
 from ..config import MiB
+from ..core.channels import Layout
 
 
 class Publisher(Protocol):

@@ -27,11 +27,11 @@ from twisted.internet.task import react
 from twisted.python import usage
 
 from .. import __version__
-from . import publish
-from ..core.channels import Layout
 from ..bus.cluster_publish import ClusterPublisher
 from ..bus.redis_client import RedisPublisher
 from ..config import DEFAULT_USER_ID, ConfigError, Settings, config_file_from, load
+from ..core.channels import Layout
+from . import publish
 
 STATUSES = ("INCOMPLETE", "QUEUED", "RUNNING", "COMPLETED", "TERMINATED", "FAILED", "REVIEW")
 

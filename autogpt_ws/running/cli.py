@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-
 from . import logs
 from .app import run_processes
 from .tap import build, parse_or_none

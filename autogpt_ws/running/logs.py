@@ -12,15 +12,8 @@ from datetime import datetime, timezone
 from typing import IO, Any
 
 import txaio
-from twisted.logger import (
-    FilteringLogObserver,
-    ILogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    formatEvent,
-    formatEventAsClassicLogText,
-    globalLogBeginner,
-)
+from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, formatEvent,
+                            formatEventAsClassicLogText, globalLogBeginner)
 from zope.interface import implementer
 
 # token=..., 'token': ['...'], "token": "..." (a query string, a repr, JSON)

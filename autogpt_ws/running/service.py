@@ -9,23 +9,23 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import __version__
-from ..sockets.auth import TokenVerifier, verifier_for
 from ..bus import IEventBus
-from ..core.channels import Layout
-from ..core.catchup import LatestEvents
 from ..config import Settings
-from ..sockets.factory import WebsocketFactory
+from ..core.catchup import LatestEvents
+from ..core.channels import Layout
 from ..core.hub import HISTORY_SWEEP, Hub
+from ..core.router import Router
+from ..sockets.auth import TokenVerifier, verifier_for
+from ..sockets.factory import WebsocketFactory
 from ..stats import Stats
 from ..web.metrics import Metrics
-from ..core.router import Router
 from ..web.routes import QuietSite, Root, Upgrade
 
 log = Logger()

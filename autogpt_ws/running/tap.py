@@ -17,8 +17,8 @@ from twisted.python import usage
 from twisted.python.util import untilConcludes
 
 from .. import __version__
-from . import logs
 from ..config import ConfigError, Settings, config_file_from, load
+from . import logs
 
 log = Logger()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 
-
 from . import logs
 from .app import run_processes
 from .tap import build, parse_or_none

@@ -41,15 +41,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from autobahn.websocket.compress import (
-    PerMessageDeflate,
-    PerMessageDeflateOffer,
-    PerMessageDeflateOfferAccept,
-)
+from autobahn.websocket.compress import PerMessageDeflate, PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from isal import isal_zlib
 
-from ..stats import Stats
 from ..core.wire import NO_STREAM, Link, OutFrame, ws_text_frame
+from ..stats import Stats
 
 EXTENSION = "permessage-deflate"
 MEM_LEVEL = 8  # ISA-L's state for one frame (~370 KiB, freed at once); 1 to 9 change little here

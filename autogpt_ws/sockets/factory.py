@@ -12,16 +12,16 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from .. import __version__
-from .auth import TokenVerifier
 from ..config import Settings
+from ..core.hub import Hub
+from ..core.session import Catchup, Session, SubscriptionGate
+from ..origins import OriginList
+from ..stats import Stats
+from .auth import TokenVerifier
 from .deflate import Deflaters, acceptor
 from .flush import Flusher
 from .keepalive import Keepalive
-from ..core.hub import Hub
-from ..stats import Stats
-from ..origins import OriginList
 from .protocol import CLOSE_GOING_AWAY, ServerProtocol
-from ..core.session import Catchup, Session, SubscriptionGate
 
 log = Logger()
 

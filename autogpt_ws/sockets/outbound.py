@@ -38,14 +38,14 @@ from autobahn.websocket.protocol import WebSocketProtocol as _WS
 from twisted.internet.tcp import Connection as TCPConnection
 from twisted.logger import Logger
 
+from ..core.wire import OutFrame
 from .flush import send_direct
 from .limits import descriptor_of, frame_rest, keep_unsent, unsent_bytes
-from ..core.wire import OutFrame
 
 if TYPE_CHECKING:
+    from ..core.wire import Link
     from .deflate import Deflater
     from .host import SocketHost
-    from ..core.wire import Link
 
 log = Logger()
 

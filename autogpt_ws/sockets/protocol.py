@@ -29,13 +29,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..core.session import Session
+from ..core.wire import ERR_RATE_LIMITED, error, ws_text_frame
+from ..stats import close_code_label
 from . import deflate, lazylog
 from .auth import AuthFailure, Identity
 from .limits import TokenBucket
-from ..stats import close_code_label
 from .outbound import CLOSE_TRY_AGAIN, Outbound  # noqa: F401 (1013, with the other close codes)
-from ..core.session import Session
-from ..core.wire import ERR_RATE_LIMITED, error, ws_text_frame
 
 if TYPE_CHECKING:
     from .host import SocketHost

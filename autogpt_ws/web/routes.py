@@ -9,17 +9,17 @@ from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from prometheus_client import CONTENT_TYPE_LATEST
-from twisted.logger import Logger
-from twisted.web.resource import IResource, Resource
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from ..config import Settings
-from .heads import OVERLOADED, HeadReader, HeadRefused, Refusal, refuse
-from ..stats import Stats
 from ..origins import OriginList
+from ..stats import Stats
+from .heads import OVERLOADED, HeadReader, HeadRefused, Refusal, refuse
 
 log = Logger()
 
