@@ -3,7 +3,7 @@
 Precedence, lowest first: built-in defaults < ``config.yaml`` < environment
 variables < command-line overrides.  Every setting is declared once in
 ``FIELDS`` (key, kind, default, environment names, one line of doc); the
-loader, the validation, ``config.yaml`` and the README table all follow it.
+loader, the validation, ``config.yaml`` and the settings table of docs/operations.md all follow it.
 A bad value raises :class:`ConfigError` naming the setting and where it came
 from; the runners turn that into one line on stderr and exit status 2.
 """
@@ -717,7 +717,7 @@ def render_yaml(sections: Iterable[tuple[str, Iterable[Field]]] | None = None) -
 
 
 def render_markdown(fields: Iterable[Field] = FIELDS) -> str:
-    """The README configuration table: setting, environment, default, meaning."""
+    """The settings table of docs/operations.md: setting, environment, default, meaning."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
@@ -733,7 +733,7 @@ def render_markdown(fields: Iterable[Field] = FIELDS) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m autogpt_ws.config --yaml`` prints config.yaml;
-    ``--markdown`` prints the README configuration table."""
+    ``--markdown`` prints the settings table of docs/operations.md."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-# the close codes of the README's table: any other code a client sends is
+# the close codes of docs/operations.md's table: any other code a client sends is
 # counted as "other", so clients cannot grow the label set
 CLOSE_CODES = {code: str(code) for code in (1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1013,
                                             4001, 4002, 4003)}

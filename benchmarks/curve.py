@@ -24,7 +24,7 @@ executions), and is measured:
   many, and the longest pause (the server runs under gclog.py).
 
 Prints a table, writes benchmarks/results/curve-<time>.json and draws
-benchmarks/curve.png (matplotlib, in a venv of its own:
+docs/curve.png (matplotlib, in a venv of its own:
 benchmarks/.plot-venv).  A point needs N + 200 file descriptors in the
 server and in the client: points beyond RLIMIT_NOFILE's hard limit are
 skipped and said so.  Above 25,000 sockets the client binds its sockets to
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-secs", type=float, default=20.0, help="idle spell (the ping interval is 20 s)")
     p.add_argument("--deliveries", type=int, default=200000, help="at least this many per point in bursts")
     p.add_argument("--quick", action="store_true", help="1k and 10k sockets, short spells")
-    p.add_argument("--plot", default=os.path.join(procs.HERE, "curve.png"), help="the PNG to write ('' for none)")
+    p.add_argument("--plot", default=os.path.join(procs.ROOT, "docs", "curve.png"), help="the PNG to write ('' for none)")
     p.add_argument("--ours-arg", action="append", default=[], help="extra argument for our server (repeatable)")
     args = p.parse_args(argv)
     if args.quick:

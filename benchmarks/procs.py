@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SHARED_BENCH = os.path.normpath(os.path.join(ROOT, "..", "shared", "bench"))
+PEERS = os.path.join(HERE, "peers")  # the reference peers (benchmarks/peers/README.md)
 PEER_VENV = os.path.join(HERE, ".peer-venv")
 SHARDED_PEER_VENV = os.path.join(HERE, ".peer-sharded-venv")
 CLIENT = os.path.join(HERE, "client", "load.mjs")
@@ -450,19 +450,19 @@ def _ours(port: int, bus_env: dict[str, str], logdir: str, extra: list[str], rea
 
 
 def peer(port: int, redis: Redis, logdir: str) -> Server:
-    """The reference peer (../shared/bench/peer_upstream.py): classic bus."""
+    """The reference peer (peers/peer_upstream.py): classic bus."""
     env = dict(os.environ, REDIS_PORT=str(redis.port))
-    argv = [os.path.join(PEER_VENV, "bin", "python"), os.path.join(SHARED_BENCH, "peer_upstream.py"), str(port)]
+    argv = [os.path.join(PEER_VENV, "bin", "python"), os.path.join(PEERS, "peer_upstream.py"), str(port)]
     return Server("peer", argv, env, port, logdir, redis.subscribed(redis_subscribers(redis.port), 1))
 
 
 def peer_sharded(port: int, cluster: RedisCluster, database: Database, logdir: str) -> Server:
-    """The second reference peer (../shared/bench/peer_upstream_sharded.py):
+    """The second reference peer (peers/peer_upstream_sharded.py):
     today's upstream design on the cluster, from the same environment."""
     env = dict(os.environ, REDIS_HOST="127.0.0.1", REDIS_PORT=str(cluster.port), DATABASE_URL=database.url)
     for key in ("REDIS_CLUSTER_HOST", "REDIS_CLUSTER_PORT"):
         env.pop(key, None)
-    argv = [os.path.join(SHARDED_PEER_VENV, "bin", "python"), os.path.join(SHARED_BENCH, "peer_upstream_sharded.py"),
+    argv = [os.path.join(SHARDED_PEER_VENV, "bin", "python"), os.path.join(PEERS, "peer_upstream_sharded.py"),
             str(port)]
     return Server("peer", argv, env, port, logdir)
 
@@ -484,11 +484,11 @@ def ensure_venv(venv: str, requirements: str) -> None:
 
 
 def ensure_peer_venv() -> None:
-    ensure_venv(PEER_VENV, os.path.join(SHARED_BENCH, "requirements-peer.txt"))
+    ensure_venv(PEER_VENV, os.path.join(PEERS, "requirements-peer.txt"))
 
 
 def ensure_sharded_peer_venv() -> None:
-    ensure_venv(SHARDED_PEER_VENV, os.path.join(SHARED_BENCH, "requirements-peer-sharded.txt"))
+    ensure_venv(SHARDED_PEER_VENV, os.path.join(PEERS, "requirements-peer-sharded.txt"))
 
 
 class Client:

@@ -5,7 +5,7 @@
         [--only fanout,ignored,setup,storm,memory,deflate,cluster,workers]
 
 Starts our server (and with ``--peer`` the reference peers of
-../shared/bench, in venvs it makes under benchmarks/), each pinned to core 0
+benchmarks/peers, in venvs it makes under benchmarks/), each pinned to core 0
 with ``taskset -c 0`` and each with its own Redis on free loopback ports and
 its own load client (benchmarks/client/load.mjs, plain Node, no
 dependencies), the clients and Redis pinned to core 1.  Each scenario has
@@ -18,7 +18,7 @@ peer_upstream.py); clients offering permessage-deflate as Chromium does
 AutoGPT's Redis Cluster bus (``cluster``: three masters, a PostgreSQL
 database of our own, against peer_upstream_sharded.py).  Then the issue 15
 targets, met or not.  Results also go to benchmarks/results/<time>.json.
-See benchmarks/RESULTS.md for what each row means.
+See docs/performance.md for what each row means.
 
 Nothing here ever points load at anything but 127.0.0.1, or uses the
 machine's own Redis.
@@ -235,7 +235,7 @@ CLASSIC = ("fanout", "ignored", "setup", "storm", "deflate")  # on one server an
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, 2 runs")
-    p.add_argument("--peer", action="store_true", help="also run the reference peers (../shared/bench)")
+    p.add_argument("--peer", action="store_true", help="also run the reference peers (benchmarks/peers)")
     p.add_argument("--runs", type=int, help="measured runs per scenario (after one warm-up)")
     p.add_argument("--only", default=",".join(DEFAULT_SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all but workers)")

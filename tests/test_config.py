@@ -238,7 +238,7 @@ class Rejections(Base):
 
 
 class Sources(Base):
-    """FIELDS is the single source: Settings, config.yaml and the README
+    """FIELDS is the single source: Settings, config.yaml and the docs/operations.md
     table follow it."""
 
     def test_settings_match_fields(self) -> None:
@@ -282,11 +282,11 @@ class Sources(Base):
         self.assertEqual(on_disk, config.render_yaml(),
                          "config.yaml is stale: python -m autogpt_ws.config --yaml > config.yaml")
 
-    def test_readme_table_is_generated_text(self) -> None:
-        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+    def test_operations_table_is_generated_text(self) -> None:
+        with open(os.path.join(ROOT, "docs", "operations.md"), encoding="utf-8") as handle:
             readme = handle.read()
         self.assertIn(config.render_markdown(), readme,
-                      "README configuration table is stale: python -m autogpt_ws.config --markdown")
+                      "the settings table of docs/operations.md is stale: python -m autogpt_ws.config --markdown")
 
     def test_config_yaml_loads_to_defaults(self) -> None:
         path = os.path.join(ROOT, "config.yaml")

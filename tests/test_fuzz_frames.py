@@ -14,7 +14,7 @@ sessions; a separate socket checks after every session that the server
 still answers a heartbeat.  A session's socket may only ever be closed
 with a documented code.
 
-The bound asserted, from the limits in the README: a socket costs the
+The bound asserted, from the limits in docs/operations.md: a socket costs the
 server at most ``max_inbound_frame`` (a message being received) plus
 ``max_send_buffer`` (its unsent output, plus one frame) plus
 ``PER_SOCKET_STATE`` (an inflater while a compressed message is read,

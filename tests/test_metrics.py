@@ -64,7 +64,7 @@ class Metrics(TestCase):
 
     @inlineCallbacks
     def test_close_codes_outside_the_documented_set_are_other(self) -> None:
-        """A client picks its close code: any code outside the README's
+        """A client picks its close code: any code outside docs/operations.md's
         table is one label, ``other``, so clients cannot grow the label set."""
         server = start_server(self, enable_metrics=True)
         for code in (1000, 4003, 3000, 4999, 1010, 4321):

@@ -6,7 +6,7 @@ Each server process runs in a temporary directory (so no config.yaml is
 read), with ENABLE_AUTH=false and PYTHONPATH set to this checkout, on a free
 loopback port.
 
-Exit statuses, as documented in the README:
+Exit statuses, as documented in docs/operations.md:
 - ``python ws.py`` / ``autogpt-ws``: 0 after SIGTERM or SIGINT, 1 when the
   port is in use, 2 for a bad setting, 128+N on a second signal N;
 - ``twistd``: re-raises the signal after a clean stop, so it dies of SIGTERM

@@ -35,7 +35,7 @@ class Options(usage.Options):
         "The AutoGPT real-time WebSocket server: browsers of the AutoGPT frontend open /ws?token=<JWT>, "
         "subscribe to graph executions and receive every execution event and notification AutoGPT's "
         "executors publish on Redis. Settings come from config.yaml, then environment variables, then "
-        "these options (--set key=value for any setting; README.md lists them all)."
+        "these options (--set key=value for any setting; docs/operations.md lists them all)."
     )
     more = (
         "\nCommands:\n"

@@ -101,7 +101,7 @@ def options_on_class(base: type[ServerProtocol], factory: WebSocketServerFactory
 
     Autobahn copies its ~30 protocol options onto every connection unless
     the protocol already has them; on the class they cost nothing per
-    socket (part of the memory per idle socket, see the README)."""
+    socket (part of the memory per idle socket: docs/performance.md)."""
     options: dict[str, Any] = {}
     for name in base.CONFIG_ATTRS:
         value = getattr(factory, name)
