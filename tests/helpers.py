@@ -186,8 +186,32 @@ def padded(event: dict[str, Any], size: int) -> dict[str, Any]:
 # -- redis-server -------------------------------------------------------------
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_random = __import__("random").SystemRandom()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free loopback port for a server a test starts, below the kernel's
+    ephemeral range: a port the kernel hands out for outgoing connections
+    (bind to 0, or any connect) could otherwise be taken from under a Redis
+    node a test stops and starts again on its port."""
+    high = min(_ephemeral_low(), 45000)  # cluster nodes' bus ports (port + 10000) stay below 55536 too
+    for _ in range(200):
+        port = _random.randrange(20000, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded range: let the kernel pick
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
