@@ -109,6 +109,14 @@ CLUSTER_ROWS = [
     ("cluster_redis_conns", "Redis connections held at {conns} sockets", "conns", "low", "{:,.0f}"),
 ]
 
+CATCHUP_ROWS = [
+    ("catchup_us_per_event", "server CPU per graph event, catch-up on ({catchup_execs} sockets, as many executions)",
+     "us", "low", "{:.1f}"),
+    ("catchup_off_us_per_event", "  the same, catch-up off (catchup_enabled=false)", "us", "low", "{:.1f}"),
+    ("catchup_cost_us", "  what catch-up costs per graph event (on - off)", "us", "low", "{:.1f}"),
+    ("catchup_commands_per_event", "catch-up store: Redis commands per graph event", "cmds", "low", "{:.2f}"),
+]
+
 # title, rows, the steady rate of that table (a Sizes field)
 TABLES = [
     ("Plain clients, classic bus (peer: peer_upstream.py)", ROWS, "rate_deliveries"),
@@ -116,6 +124,8 @@ TABLES = [
      "deflate_rate_deliveries"),
     ("Cluster bus (SPUBLISH, a database lookup per execution subscribe), plain clients "
      "(peer: peer_upstream_sharded.py)", CLUSTER_ROWS, "cluster_rate_deliveries"),
+    ("Catch-up on the cluster bus: ours with it (the default) and without (catchup_enabled=false)", CATCHUP_ROWS,
+     "cluster_rate_deliveries"),
 ]
 
 # derived rows: one server's ratio of two of its own medians
@@ -158,13 +168,16 @@ def derive(results: dict[str, dict[str, list[float]]]) -> None:
             a, b = median(result.get(top, [])), median(result.get(bottom, []))
             if a is not None and b:
                 result[key] = [a / b]
+        on, off = median(result.get("catchup_us_per_event", [])), median(result.get("catchup_off_us_per_event", []))
+        if on is not None and off is not None:
+            result["catchup_cost_us"] = [on - off]
 
 
 def table(results: dict[str, dict[str, list[float]]], sizes: Sizes, rows: list[Any], rate: str) -> str:
     names = list(results)
     mine = [n for n in names if n != "peer"] if "peer" in results else []
     head = ["metric", "unit"] + names + [f"{n}/peer" for n in mine]
-    fill = {"rate": f"{getattr(sizes, rate) // 1000}k", "conns": f"{sizes.conns:,}",
+    fill = {"rate": f"{getattr(sizes, rate) // 1000}k", "conns": f"{sizes.conns:,}", "catchup_execs": sizes.catchup_execs,
             "history": sizes.history_events, "history_kb": f"{(sizes.history_size * 1.34) / 1000:.0f}"}
     lines = []
     for key, label, unit, better, fmt in rows:
@@ -227,8 +240,8 @@ def alternate(steps: dict[str, Steps], results: dict[str, dict[str, list[float]]
                 del pending[name]
 
 
-SCENARIOS = ("fanout", "ignored", "setup", "storm", "memory", "deflate", "cluster", "workers")
-DEFAULT_SCENARIOS = ("fanout", "ignored", "setup", "storm", "memory", "deflate", "cluster")
+SCENARIOS = ("fanout", "ignored", "setup", "storm", "memory", "deflate", "cluster", "catchup", "workers")
+DEFAULT_SCENARIOS = ("fanout", "ignored", "setup", "storm", "memory", "deflate", "cluster", "catchup")
 CLASSIC = ("fanout", "ignored", "setup", "storm", "deflate")  # on one server and client each, in this order
 
 
@@ -370,6 +383,25 @@ def main(argv: list[str] | None = None) -> int:
             log("== cluster memory")
             alternate({name: scenarios.cluster_memory(cluster_makers[name], clusters[name], sizes, logs[name])
                        for name in names}, results)
+        if "catchup" in only and "ours" in names:
+            log("== catch-up on the cluster bus: ours with catch-up, and without")
+            if database is None:
+                database = Database()
+            database.add(scenarios.PREFIX, sizes.catchup_execs, procs.DEFAULT_USER)
+            db = database
+            variants = {"ours": [], "ours, catch-up off": ["--set", "catchup_enabled=false"]}
+            for name in variants:
+                clusters[f"catchup {name}"] = RedisCluster(maxclients=18000)
+            for name, more in variants.items():
+                servers[name] = ours_cluster(free_port(), clusters[f"catchup {name}"], db, logdir,
+                                             [*args.ours_arg, "--set", "enable_metrics=true", *more])
+                clients[name] = Client(servers[name], clusters[f"catchup {name}"], probe={"prefix": scenarios.PREFIX})
+            got: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+            alternate({name: scenarios.catchup(clients[name], sizes, log) for name in variants}, got)
+            close_all()
+            results["ours"].update(got["ours"])
+            results["ours"].update({key.replace("catchup_", "catchup_off_", 1): values
+                                    for key, values in got["ours, catch-up off"].items()})
         if "workers" in only and "ours" in names:
             log("== workers")
             if args.workers_quota:

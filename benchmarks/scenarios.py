@@ -47,11 +47,14 @@ class Sizes:
     # cluster bus
     cluster_rate_deliveries: int = 20000
     cluster_idle_conns: int = 5000
+    # catch-up on the cluster bus: graph events, each execution one socket
+    catchup_execs: int = 200
+    catchup_events: int = 4000
     runs: int = 5
 
 
 QUICK = dict(rate_secs=3.0, ignored_events=20000, setup_conns=1000, storm_conns=2000, idle_conns=2000,
-             deflate_burst_events=100, deflate_idle_conns=1000, cluster_idle_conns=1000, runs=2)
+             deflate_burst_events=100, deflate_idle_conns=1000, cluster_idle_conns=1000, catchup_events=1000, runs=2)
 
 AUTOGPT = {"event": "autogpt"}  # the load client's AutoGPT-like node event
 
@@ -382,3 +385,50 @@ def cluster(c: Client, s: Sizes, log: Log) -> Steps:
 
 def cluster_memory(make: Callable[[], Server], bus: RedisCluster, s: Sizes, log: Log) -> Steps:
     return memory(make, bus, s, log, "cluster_", s.cluster_idle_conns)
+
+
+PREFIX = "catchup-exec-"  # the executions of run.py's catch-up rows in the database
+
+
+def catchup(c: Client, s: Sizes, log: Log) -> Steps:
+    """What catch-up costs per graph event on the cluster bus: s.catchup_execs
+    sockets, each on an execution of its own, and bursts of graph events
+    (the events catch-up records, and writes to the store in the cluster):
+    server CPU per graph event, and, from /metrics, the store's Redis
+    commands per event.  run.py runs it for our server with catch-up on
+    and off (catchup_enabled=false), in turn."""
+    res = rows("catchup_", "us_per_event", "commands_per_event")
+    c.run(cmd="open", n=s.catchup_execs, channels=s.catchup_execs, conc=200, prefix=PREFIX)
+    c.server.settle()
+    for i in range(s.runs + 1):
+        before = metric(c.server.port, "autogpt_ws_catchup_store_commands_total")
+        out = c.run(cmd="burst", events=s.catchup_events, channels=s.catchup_execs, event="graph",
+                    size=s.event_size, prefix=PREFIX)
+        after = metric(c.server.port, "autogpt_ws_catchup_store_commands_total")
+        if not out["complete"]:
+            log(f"  catch-up burst incomplete: {out['received']}/{out['expected']}")
+        us = out["server_cpu_s"] * 1e6 / s.catchup_events
+        commands = (after - before) / s.catchup_events
+        log(f"  catchup burst {'warm-up' if i == 0 else i}: {s.catchup_events} graph events, server "
+            f"{us:.1f} us per event, {commands:.2f} store commands per event")
+        if i:
+            res["catchup_us_per_event"].append(us)
+            res["catchup_commands_per_event"].append(commands)
+        c.server.settle()
+        yield
+    return res
+
+
+def metric(port: int, name: str) -> float:
+    """One value of the server's /metrics (0 when it has none)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    for line in data.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0

@@ -12,8 +12,9 @@ read goes to one node, the one already serving those channels::
     autogpt-ws:catchup/{<user>/<graph>}/runs            ZSET: exec -> write time (ms), EX ttl,
                                                          the graph_limit newest kept
 
-A write is four commands pipelined on one ordinary (non-subscriber)
-connection per master: SET, ZADD, ZREMRANGEBYRANK, EXPIRE.  A read is GET +
+A write is one command (a short Lua script doing SET, ZADD,
+ZREMRANGEBYRANK, EXPIRE) on one ordinary (non-subscriber) connection per
+master, fire and forget.  A read is GET +
 ZSCORE (one execution) or ZRANGE then MGET (a graph).  Every command is
 counted; a failure (a node down, MOVED, an ACL refusal) is counted and never
 touches live delivery.
@@ -37,6 +38,20 @@ from .slots import Address, key_slot
 log = Logger()
 
 PREFIX = "autogpt-ws:catchup"
+
+
+# A write, as one command (the keys share a slot): the event with its TTL;
+# the run in the graph's index, trimmed to the graph_limit newest, same TTL.
+WRITE = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local limit = tonumber(ARGV[5])
+if limit > 0 then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -limit - 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"""
 
 
 def latest_key(user_id: str, graph_id: str, graph_exec_id: str) -> str:
@@ -72,14 +87,15 @@ class LatestStore:
         if len(event) > self._max_event:
             self._stats.catchup_store_skipped += 1
             return
-        latest, runs = latest_key(user_id, graph_id, graph_exec_id), runs_key(user_id, graph_id)
-        commands: list[tuple[Any, ...]] = [("SET", latest, event, "EX", self._ttl)]
-        if self._graph_limit:
-            now = int(self._reactor.seconds() * 1000)
-            commands += [("ZADD", runs, now, graph_exec_id), ("ZREMRANGEBYRANK", runs, 0, -self._graph_limit - 1),
-                         ("EXPIRE", runs, self._ttl)]
+        latest = latest_key(user_id, graph_id, graph_exec_id)
         self._stats.catchup_store_writes += 1
-        self._run(latest, commands).addErrback(self._failed, "write")
+        self._stats.catchup_store_commands += 1
+        # one command, no timer: a write is fire and forget, and a lost
+        # connection fails what it had pending
+        node = self.node(self._route(key_slot(latest)))
+        node.command("EVAL", WRITE, 2, latest, runs_key(user_id, graph_id), event, self._ttl,
+                     int(self._reactor.seconds() * 1000), graph_exec_id, self._graph_limit
+                     ).addErrback(self._failed, "write")
 
     # -- reading ----------------------------------------------------------------
 

@@ -24,7 +24,8 @@
 //       publish (rate 0: at once; else events/s), wait for every delivery;
 //       event j goes to execution floor(j / group) % channels.
 //       event "pad": today's small node event (a `size`-byte pad);
-//       "autogpt": an AutoGPT-like node event with `size` bytes of text.
+//       "autogpt": an AutoGPT-like node event with `size` bytes of text;
+//       "graph": a graph event of the run (RUNNING, COMPLETED in turn).
 //       verify: every delivery is parsed as JSON and compared with what was
 //       published (slow: for checks, never for timing)
 //   {"cmd":"ignore","events":100000,"pad":200}          events for users nobody subscribed to, then a sentinel
@@ -505,6 +506,19 @@ function autogptEvent(user, graph, exec, j, t, size) {
     add_time: at, queue_time: at, start_time: at, end_time: at, event_type: 'node_execution_update' } });
 }
 
+// A graph event of a run (what catch-up keeps and the cluster store writes):
+// RUNNING and COMPLETED in turn, with its inputs, stats and outputs.
+function graphEvent(user, graph, exec, j, t, size) {
+  const at = '2026-11-29T10:00:00.123456+00:00';
+  const done = j % 2 === 1;
+  return JSON.stringify({ payload: { id: exec, user_id: user, graph_id: graph, graph_version: 4,
+    inputs: { t, topic: text(Math.max(64, Math.floor(size / 8)), j + 5) }, credential_inputs: null,
+    nodes_input_masks: null, preset_id: null, status: done ? 'COMPLETED' : 'RUNNING', started_at: at,
+    ended_at: done ? at : null, is_shared: false, share_token: null, is_dry_run: false,
+    stats: done ? { cost: 120 + j, walltime: 12.5, cputime: 1.25, node_count: 4, node_error_count: 0 } : null,
+    outputs: done ? { summary: [text(Math.floor(size / 2), j)] } : {}, event_type: 'graph_execution_update' } });
+}
+
 function subscribersPerExec() {
   const count = new Map();
   for (const c of pool) if (c.acked) count.set(c.execId, (count.get(c.execId) ?? 0) + 1);
@@ -550,7 +564,8 @@ async function burst({ events, channels, rate = 0, timeout = 120, event = 'pad',
   const filler = 'x'.repeat(size);
   const one = (j) => {
     const exec = execOf(j), graph = graphOf(exec);
-    const payload = event === 'autogpt' ? autogptEvent(USER, graph, exec, j, now(), size) : nodeEvent(USER, graph, exec, j, now(), filler);
+    const payload = event === 'autogpt' ? autogptEvent(USER, graph, exec, j, now(), size)
+      : event === 'graph' ? graphEvent(USER, graph, exec, j, now(), size) : nodeEvent(USER, graph, exec, j, now(), filler);
     if (verifying) { const e = JSON.parse(payload).payload; verifying.set(e.node_exec_id, canonical(e)); }
     publishEvent(exec, graph, payload);
   };
