@@ -8,7 +8,7 @@ Every import in ``autogpt_ws`` (module level, inside functions, and under
   cycle anywhere);
 - no module imports from a layer above its own.  The layers, lowest first:
 
-  ``shared``     config.py, stats.py, origins.py: read by every layer
+  ``shared``     config.py, settings.py, stats.py, origins.py: read by every layer
   ``core``       core/: the protocol as bytes, the hub, the router, sessions, catch-up
   ``edges``      bus/ (events in), sockets/ (the Autobahn side), web/ (the HTTP side);
                  no edge imports another: they meet in core, or in running
@@ -32,7 +32,7 @@ LAYERS = {
     "shared": 0, "core": 1, "bus": 2, "sockets": 2, "web": 2, "producing": 3, "running": 4, "entry": 5,
 }
 EDGES = ("bus", "sockets", "web")
-SHARED = ("autogpt_ws", "autogpt_ws.config", "autogpt_ws.stats", "autogpt_ws.origins")
+SHARED = ("autogpt_ws", "autogpt_ws.config", "autogpt_ws.settings", "autogpt_ws.stats", "autogpt_ws.origins")
 ENTRY = ("autogpt_ws.service", "autogpt_ws.app")
 
 
