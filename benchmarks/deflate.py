@@ -58,12 +58,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run  # noqa: E402
 
-from autogpt_ws.producing import publish
+from autogpt_ws.config import DEFAULT_USER_ID as USER  # noqa: E402
 from autogpt_ws.core import wire
 from autogpt_ws.core.channels import Layout  # noqa: E402
-from autogpt_ws.config import DEFAULT_USER_ID as USER  # noqa: E402
-from autogpt_ws.sockets.deflate import Deflater  # noqa: E402
 from autogpt_ws.core.hub import Hub  # noqa: E402
+from autogpt_ws.producing import publish
+from autogpt_ws.sockets.deflate import Deflater  # noqa: E402
 from autogpt_ws.stats import Stats  # noqa: E402
 
 LAYOUT = Layout()
@@ -76,8 +76,15 @@ BROWSER_OFFER = "permessage-deflate; client_max_window_bits"  # what Chromium se
 def _prose() -> list[str]:
     """English paragraphs: the standard library's longer docstrings (the
     same on every machine with this Python)."""
-    import argparse as a, collections as c, email.message as e, http.client as h, json as j, logging as lg
-    import pathlib as p, unittest.case as u, zipfile as z
+    import argparse as a
+    import collections as c
+    import email.message as e
+    import http.client as h
+    import json as j
+    import logging as lg
+    import pathlib as p
+    import unittest.case as u
+    import zipfile as z
     docs = set()
     for module in (a, c, e, h, j, lg, p, u, z):
         for _, obj in inspect.getmembers(module):

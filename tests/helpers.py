@@ -134,7 +134,8 @@ def connect(port: int, token: str | None = None, path: str = "/ws", query: str =
     factory.opened = Deferred()
     options: dict[str, Any] = {"autoPingInterval": 0, "openHandshakeTimeout": 5, "closeHandshakeTimeout": 1}
     if compress:
-        from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponse, PerMessageDeflateResponseAccept
+        from autobahn.websocket.compress import (PerMessageDeflateOffer, PerMessageDeflateResponse,
+                                                 PerMessageDeflateResponseAccept)
 
         options["perMessageCompressionOffers"] = [PerMessageDeflateOffer()]
         options["perMessageCompressionAccept"] = lambda r: PerMessageDeflateResponseAccept(r) if isinstance(r, PerMessageDeflateResponse) else None
@@ -697,8 +698,8 @@ import hiredis as _hiredis  # noqa: E402
 from twisted.internet.defer import DeferredLock as _DeferredLock, gatherResults as _gatherResults  # noqa: E402
 
 from autogpt_ws.bus.executions import APPLICATION_NAME as _APPLICATION_NAME  # noqa: E402
-from autogpt_ws.bus.resp import RedisError as _RedisError, RedisProtocol as _RedisProtocol  # noqa: E402
-from autogpt_ws.bus.resp import connect as _redis_connect, encode as _encode  # noqa: E402
+from autogpt_ws.bus.resp import (RedisError as _RedisError, RedisProtocol as _RedisProtocol,  # noqa: E402
+                                 connect as _redis_connect, encode as _encode)
 from autogpt_ws.bus.shard import closed as _closed  # noqa: E402
 
 CLUSTER_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",

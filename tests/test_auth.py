@@ -25,13 +25,12 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from autogpt_ws.running import logs
-from autogpt_ws.sockets.auth import AuthFailure, Identity, KeySetVerifier, http_fetcher
 from autogpt_ws.config import load
+from autogpt_ws.running import logs
 from autogpt_ws.running.service import WebsocketServer
-from tests.helpers import (
-    SECRET, U, Client, SilentServer, connect, make_settings, raw_request, start_server, token, upgrade_request,
-)
+from autogpt_ws.sockets.auth import AuthFailure, Identity, KeySetVerifier, http_fetcher
+from tests.helpers import (SECRET, Client, SilentServer, U, connect, make_settings, raw_request, start_server, token,
+                           upgrade_request)
 
 MISSING = (4001, "Missing authentication token")
 NO_SUB = (4002, "Invalid token")

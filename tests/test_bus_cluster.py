@@ -26,17 +26,16 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from autogpt_ws.producing import publish
-from autogpt_ws.core import wire
 from autogpt_ws.bus import IEventBus
-from autogpt_ws.core.channels import Layout
 from autogpt_ws.bus.executions import ExecutionResolver
 from autogpt_ws.bus.slots import key_slot
+from autogpt_ws.core import wire
+from autogpt_ws.core.channels import Layout
+from autogpt_ws.producing import publish
 from autogpt_ws.running.service import WebsocketServer
-from tests.helpers import (SECRET, U, AutogptDatabase, Client, ClusterPublisher, RedisCluster, SilentServer, free_port,
-                           make_cluster, make_database, padded, redis_call, shared_fixture, sleep, start_server,
-                           token, wait_for)
-from tests.helpers import connect as ws_connect
+from tests.helpers import (SECRET, AutogptDatabase, Client, ClusterPublisher, RedisCluster, SilentServer, U,
+                           connect as ws_connect, free_port, make_cluster, make_database, padded, redis_call,
+                           shared_fixture, sleep, start_server, token, wait_for)
 
 LAYOUT = Layout()
 

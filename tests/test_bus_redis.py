@@ -18,19 +18,17 @@ from twisted.internet.task import Clock, LoopingCall
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.producing import publish
-from autogpt_ws.core.channels import Layout
 from autogpt_ws.bus.redis import BACKOFF_MAX, RedisBus, RedisPublisher
 from autogpt_ws.bus.resp import connect as resp_connect
+from autogpt_ws.core.channels import Layout
 from autogpt_ws.core.hub import Hub
-from autogpt_ws.stats import Stats
 from autogpt_ws.core.router import Router
+from autogpt_ws.producing import publish
 from autogpt_ws.running.service import WebsocketServer
 from autogpt_ws.running.tap import build
-from tests.helpers import (
-    SECRET, U, RedisServer, SilentServer, connect, free_port, http_get, make_settings, padded, redis_clients,
-    redis_server, start_server, token, wait_for,
-)
+from autogpt_ws.stats import Stats
+from tests.helpers import (SECRET, RedisServer, SilentServer, U, connect, free_port, http_get, make_settings, padded,
+                           redis_clients, redis_server, start_server, token, wait_for)
 
 LAYOUT = Layout()
 

@@ -21,16 +21,16 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.producing import publish
 from autogpt_ws.core import wire
-from autogpt_ws.core.channels import Layout
 from autogpt_ws.core.catchup import LatestEvents, entry_cost, graph_cost
+from autogpt_ws.core.channels import Layout
 from autogpt_ws.core.hub import Hub
-from autogpt_ws.stats import Stats
-from autogpt_ws.web.metrics import Metrics
 from autogpt_ws.core.router import Router
 from autogpt_ws.core.session import Session
-from tests.helpers import SECRET, U, Client, connect, make_settings, start_server, token
+from autogpt_ws.producing import publish
+from autogpt_ws.stats import Stats
+from autogpt_ws.web.metrics import Metrics
+from tests.helpers import SECRET, Client, U, connect, make_settings, start_server, token
 
 LAYOUT = Layout()
 PONG = wire.HEARTBEAT_REPLY

@@ -22,15 +22,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.producing import publish
-from autogpt_ws.core import wire
-from autogpt_ws.core.channels import Layout
 from autogpt_ws.bus.replay import ClusterCatchup
 from autogpt_ws.bus.store import latest_key, runs_key
+from autogpt_ws.core import wire
 from autogpt_ws.core.catchup import LatestEvents
-from autogpt_ws.stats import Stats
+from autogpt_ws.core.channels import Layout
+from autogpt_ws.producing import publish
 from autogpt_ws.running.service import WebsocketServer
-from tests.helpers import SECRET, U, Client, make_settings, redis_call, sleep, token, wait_for
+from autogpt_ws.stats import Stats
+from tests.helpers import SECRET, Client, U, make_settings, redis_call, sleep, token, wait_for
 from tests.test_bus_cluster import ClusterTestCase, uid
 
 LAYOUT = Layout()

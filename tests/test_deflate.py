@@ -16,14 +16,12 @@ from isal import isal_zlib
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.producing import publish
 from autogpt_ws.core import wire
+from autogpt_ws.producing import publish
 from autogpt_ws.sockets.deflate import Deflater, Inflate
 from autogpt_ws.stats import Stats
-from tests.helpers import (
-    U, RawClient, connect, extensions_answer, free_port, http_fetch, raw_connect, redis_server, server_side,
-    sleep, start_server, wait_for,
-)
+from tests.helpers import (RawClient, U, connect, extensions_answer, free_port, http_fetch, raw_connect, redis_server,
+                           server_side, sleep, start_server, wait_for)
 from tests.test_metrics import Scrape
 from tests.test_runners import Process, clean_env, http_get, ws_py
 

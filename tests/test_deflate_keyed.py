@@ -25,16 +25,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.producing import publish
 from autogpt_ws.core import wire
-from autogpt_ws.sockets.deflate import Deflater
 from autogpt_ws.core.hub import HISTORY_IDLE, HISTORY_SWEEP, Hub
-from autogpt_ws.stats import Stats
+from autogpt_ws.producing import publish
 from autogpt_ws.running.service import WebsocketServer
-from tests.helpers import (
-    U, RawClient, connect, extensions_answer, make_settings, raw_connect, server_side, sleep, start_server,
-    wait_for,
-)
+from autogpt_ws.sockets.deflate import Deflater
+from autogpt_ws.stats import Stats
+from tests.helpers import (RawClient, U, connect, extensions_answer, make_settings, raw_connect, server_side, sleep,
+                           start_server, wait_for)
 from tests.test_deflate import CHROMIUM, FIREFOX, PING, PONG, alone, event_of, payload_of, subscribe
 from tests.test_slow_consumer import small_kernel_buffer
 

@@ -33,15 +33,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.producing import publish
+from autogpt_ws.config import load
 from autogpt_ws.core import wire
 from autogpt_ws.core.channels import Layout
-from autogpt_ws.config import load
+from autogpt_ws.producing import publish
 from autogpt_ws.running.service import WebsocketServer
-from tests.helpers import (U, ClusterPublisher, RedisServer, free_port, http_get, raw_request,
-                           make_cluster, make_database, redis_call, redis_server, shared_fixture,
-                           sleep, start_server, token, upgrade_request, wait_for)
-from tests.helpers import connect as ws_connect
+from tests.helpers import (ClusterPublisher, RedisServer, U, connect as ws_connect, free_port, http_get, make_cluster,
+                           make_database, raw_request, redis_call, redis_server, shared_fixture, sleep, start_server,
+                           token, upgrade_request, wait_for)
 from tests.test_auth import jwks, keypair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

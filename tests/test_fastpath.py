@@ -12,13 +12,13 @@ from autobahn.util import hltype
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.sockets import lazylog
-from autogpt_ws.producing import publish
 from autogpt_ws.core import wire
 from autogpt_ws.core.channels import Layout
 from autogpt_ws.core.hub import Hub
-from autogpt_ws.stats import Stats
 from autogpt_ws.core.router import GRAPH_MARK, Router
+from autogpt_ws.producing import publish
+from autogpt_ws.sockets import lazylog
+from autogpt_ws.stats import Stats
 from tests.helpers import U, connect, sleep, start_server
 
 LAYOUT = Layout()

@@ -25,9 +25,9 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from autogpt_ws.core.hub import Hub
-from autogpt_ws.stats import Stats
 from autogpt_ws.core.session import Session
 from autogpt_ws.core.wire import OutFrame
+from autogpt_ws.stats import Stats
 from tests.helpers import U, raw_upgrade_request, start_server, ws_client_frame
 
 FORMAT = "Invalid message format. Review the schema and retry"

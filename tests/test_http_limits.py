@@ -24,10 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from autogpt_ws.web.heads import MAX_HEADERS, HeadReader, HeadRefused
-from tests.helpers import (
-    SilentServer, raw_connect, raw_upgrade_request, sleep, start_server, tcp_buffered,
-    wait_for,
-)
+from tests.helpers import SilentServer, raw_connect, raw_upgrade_request, sleep, start_server, tcp_buffered, wait_for
 
 HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'
 PONG = b'{"method":"heartbeat","data":"pong","success":true}'

@@ -11,9 +11,9 @@ from twisted.trial.unittest import TestCase
 
 from autogpt_ws.core import wire
 from autogpt_ws.core.hub import Hub
-from autogpt_ws.stats import Stats
 from autogpt_ws.core.session import Session
 from autogpt_ws.core.wire import OutFrame
+from autogpt_ws.stats import Stats
 
 
 class FakeSink:

@@ -21,10 +21,8 @@ from twisted.trial.unittest import TestCase
 
 from autogpt_ws.producing import publish
 from autogpt_ws.sockets.limits import TokenBucket
-from tests.helpers import (
-    SECRET, U, HandshakeRefused, RawClient, deflated, raw_connect, server_side, sleep, start_server, token,
-    wait_for, ws_client_frame,
-)
+from tests.helpers import (SECRET, HandshakeRefused, RawClient, U, deflated, raw_connect, server_side, sleep,
+                           start_server, token, wait_for, ws_client_frame)
 from tests.test_hub import PendingGate
 
 HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'

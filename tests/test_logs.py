@@ -7,7 +7,7 @@ import io
 import json
 
 import txaio
-from twisted.logger import ILogObserver, LogLevel, LogPublisher, Logger
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 

@@ -13,7 +13,8 @@ from twisted.trial.unittest import TestCase
 
 from autogpt_ws.producing import publish
 from autogpt_ws.running.service import WebsocketServer
-from tests.helpers import SECRET, HandshakeRefused, RawClient, http_fetch, raw_connect, sleep, start_server, token, wait_for
+from tests.helpers import (SECRET, HandshakeRefused, RawClient, http_fetch, raw_connect, sleep, start_server, token,
+                           wait_for)
 
 HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'
 SUBSCRIBE = '{"method":"subscribe_graph_execution","data":{"graph_exec_id":"e1"}}'

@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from autogpt_ws.producing import publish
 from autogpt_ws.running.service import WebsocketServer
-from tests.helpers import U, Client, connect, start_server, wait_for
+from tests.helpers import Client, U, connect, start_server, wait_for
 
 Ub = U.encode()
 

@@ -15,14 +15,12 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.producing import publish_cli
-from autogpt_ws.core.channels import Layout
 from autogpt_ws.bus.redis_client import Connection, RedisAddress, RedisPublisher
 from autogpt_ws.bus.resp import connect as resp_connect, handshake
 from autogpt_ws.config import load
-from tests.helpers import (
-    PYTHON, U, RedisServer, SilentServer, connect, free_port, redis_server, start_server, wait_for,
-)
+from autogpt_ws.core.channels import Layout
+from autogpt_ws.producing import publish_cli
+from tests.helpers import PYTHON, RedisServer, SilentServer, U, connect, free_port, redis_server, start_server, wait_for
 
 LAYOUT = Layout()
 NODE_KEYS = ["user_id", "graph_id", "graph_version", "graph_exec_id", "node_exec_id", "node_id", "block_id", "status",

@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from autogpt_ws.producing import publish
 from autogpt_ws.running.service import WebsocketServer
-from tests.helpers import SECRET, U, Client, connect, padded, start_server, token, wait_for
+from tests.helpers import SECRET, Client, U, connect, padded, start_server, token, wait_for
 
 PING = b'{"method":"heartbeat","data":"ping","success":true}'
 PONG = b'{"method":"heartbeat","data":"pong","success":true}'

@@ -448,9 +448,10 @@ class Plugin(TestCase):
         return options
 
     def test_discovered(self) -> None:
-        import twisted.plugins
         from twisted.application.service import IServiceMaker
         from twisted.plugin import getPlugins
+
+        import twisted.plugins
 
         makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker, twisted.plugins)}
         self.assertIn("autogpt-ws", makers)
@@ -461,8 +462,8 @@ class Plugin(TestCase):
     def test_make_service_serves(self) -> Any:
         from twisted.application.service import IServiceMaker
         from twisted.plugin import getPlugins
-        import twisted.plugins
 
+        import twisted.plugins
         from autogpt_ws.running.service import WebsocketServer
 
         maker = next(m for m in getPlugins(IServiceMaker, twisted.plugins) if m.tapname == "autogpt-ws")

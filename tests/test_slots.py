@@ -8,10 +8,10 @@ from typing import Any
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from autogpt_ws.core.channels import Layout
 from autogpt_ws.bus.resp import RedisProtocol, encode
 from autogpt_ws.bus.shard import BACKOFF_MAX, backoff, moved_target
 from autogpt_ws.bus.slots import SLOTS, SlotMap, crc16, format_address, hash_tag, key_slot, parse_address
+from autogpt_ws.core.channels import Layout
 
 # Answers of `redis-cli CLUSTER KEYSLOT <key>` (Redis 7.0.15).
 KNOWN = {

@@ -20,11 +20,10 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from autogpt_ws.producing import publish
-from autogpt_ws.sockets.protocol import ServerProtocol
 from autogpt_ws.running.service import WebsocketServer
-from tests.helpers import (
-    U, RawClient, raw_connect, raw_upgrade_request, server_side, sleep, start_server, wait_for, ws_client_frame,
-)
+from autogpt_ws.sockets.protocol import ServerProtocol
+from tests.helpers import (RawClient, U, raw_connect, raw_upgrade_request, server_side, sleep, start_server, wait_for,
+                           ws_client_frame)
 
 SUBSCRIBE = '{"method":"subscribe_graph_execution","data":{"graph_exec_id":"e1"}}'
 PAD = "x" * 4000  # each event frame is a little over 4 KiB

@@ -11,14 +11,7 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from autogpt_ws.core import wire
-from autogpt_ws.core.wire import (
-    ERR_DATA_INVALID,
-    ERR_DATA_MISSING,
-    ERR_FORMAT,
-    ERR_NOT_PROCESSED,
-    FrameError,
-    Request,
-)
+from autogpt_ws.core.wire import ERR_DATA_INVALID, ERR_DATA_MISSING, ERR_FORMAT, ERR_NOT_PROCESSED, FrameError, Request
 
 U = "3e53486c-cf57-477e-ba2a-cb02dc828e1a"
 

@@ -13,8 +13,8 @@ counted again here (a channel is wanted while any key or user maps to it),
 so one ``SSUBSCRIBE`` per channel is sent when it becomes wanted and one
 ``SUNSUBSCRIBE`` when it stops being wanted.
 
-Placement: the slot map (``CLUSTER SLOTS``, from the seed nodes, then any
-known master) names each slot's master; a channel goes on the
+Placement: the slot map (``CLUSTER SLOTS``, kept fresh by
+:class:`~autogpt_ws.bus.topology.SlotMapFeed`) names each slot's master; a channel goes on the
 :class:`~autogpt_ws.bus.shard.ShardLink` of its slot's master: one
 subscriber connection per master, whatever the number of sockets and
 channels.  Faults end in a refresh of the map and a re-placement:
@@ -42,7 +42,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -57,14 +57,12 @@ from .executions import ExecutionResolver, describe_url
 from .gate import ClusterGate
 from .redis_client import RedisAddress
 from .replay import ClusterCatchup
-from .resp import RedisProtocol, connect, handshake
-from .shard import ConnectOptions, ShardLink, backoff, closed
+from .shard import ConnectOptions, ShardLink
 from .slots import Address, SlotMap, format_address, key_slot, remap_for, seed_nodes
 from .store import LatestStore
+from .topology import MIN_REFRESH_INTERVAL, SlotMapFeed
 
 log = Logger()
-
-MIN_REFRESH_INTERVAL = 0.5  # a burst of MOVED/sunsubscribe costs one refresh per this
 
 
 @implementer(IEventBus)
@@ -92,19 +90,19 @@ class ClusterBus(Service):
         self.store = LatestStore(self._store_route, RedisAddress.from_settings(settings), reactor, stats,
                                  ttl=settings.catchup_max_age, graph_limit=settings.catchup_graph_limit,
                                  max_event=settings.catchup_store_max_event, timeout=self.options.timeout,
-                                 moved=lambda address: self.request_refresh(self.remap(address))
+                                 moved=lambda address: self.feed.request(self.remap(address))
                                  ) if local is not None and settings.catchup_store else None
         self.catchup = ClusterCatchup(local, self.store, self.layout, stats) if local is not None else None
         self.linger = settings.catchup_linger if local is not None else 0.0
         self.gate = ClusterGate(self, self.resolver, self.catchup, self.options.timeout)
         self.database = describe_url(settings.database_url)
-        self.refresh_interval = refresh_interval
+        self.feed = SlotMapFeed(self.seeds, self.remap, self.options, reactor, self._known, self._refreshed,
+                                refresh_interval=refresh_interval, rng=rng)
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.rng = rng
         self.slots: SlotMap | None = None
         self.links: dict[Address, ShardLink] = {}
-        self.refreshes = 0  # slot maps fetched
         self._wanted: Counter[str] = Counter()  # channel -> keys and users mapping to it
         self._slot: dict[str, int] = {}  # channel -> its hash slot (computed once)
         self._moved_at: dict[str, float] = {}  # channel -> when a MOVED for it was last followed
@@ -112,15 +110,6 @@ class ClusterBus(Service):
         self._placed: dict[str, Address] = {}  # channel -> the link holding it
         self._unplaced: set[str] = set()  # wanted, but no known owner yet
         self._closing: list[Deferred[Any]] = []  # links being closed
-        self._refreshing: Deferred[Any] | None = None
-        self._refresh_call: Any = None
-        self._refresh_again = False
-        self._refresh_failures = 0
-        self._last_refresh = float("-inf")
-        self._hints: list[Address] = []
-        self._control: RedisProtocol | None = None
-        self._control_attempt: Deferred[RedisProtocol] | None = None
-        self._last_error = "discovering the cluster"
         self._publisher: Any = None  # made on demand (the demo executor), closed on stop
         self._lingering: dict[str, Any] = {}  # channel -> the call that drops it
 
@@ -130,7 +119,7 @@ class ClusterBus(Service):
         if not self.running:
             return False, "event bus stopped"
         if self.slots is None:
-            return False, f"no cluster slot map: {self._last_error}"
+            return False, f"no cluster slot map: {self.feed.last_error}"
         down = sorted(link.name for link in self.links.values() if not link.connected)
         if down:
             return False, f"shard node(s) not connected: {', '.join(down)}"
@@ -175,7 +164,7 @@ class ClusterBus(Service):
             self.user_added(user_id)
         for key in tuple(self.hub.keys()):
             self.key_added(key)
-        self._refresh()
+        self.feed.start()
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -187,19 +176,9 @@ class ClusterBus(Service):
                 call.cancel()
         self._lingering.clear()
         self.gate.stop()
-        if self._refresh_call is not None and self._refresh_call.active():
-            self._refresh_call.cancel()
-        waits = [link.stop() for link in self.links.values()] + self._closing
+        waits = self.feed.stop() + [link.stop() for link in self.links.values()] + self._closing
         self.links.clear()
         self._closing = []
-        if self._control_attempt is not None:
-            self._control_attempt.cancel()
-        control = self._control
-        if control is not None and control.connected and control.transport is not None:
-            waits.append(closed(control))
-            control.transport.abortConnection()
-        if self._refreshing is not None:
-            waits.append(self._refreshing)
         if self._publisher is not None:
             waits.append(self._publisher.close())
             self._publisher = None
@@ -389,117 +368,27 @@ class ClusterBus(Service):
             slot, address = moved
             self.slots = self.slots.with_owner(slot, address)
             self._place(channel)
-            self.request_refresh(address)
+            self.feed.request(address)
         else:
-            self.request_refresh(moved[1] if moved is not None else link.address)
+            self.feed.request(moved[1] if moved is not None else link.address)
 
     def link_down(self, link: ShardLink) -> None:
         for channel in link.channels:
             self.gate.channel_gone(channel)
-        self.request_refresh()
+        self.feed.request()
 
-    # -- slot map -----------------------------------------------------------------
+    # -- the slot map ---------------------------------------------------------------
 
-    def request_refresh(self, hint: Address | None = None) -> None:
-        """Refresh the slot map soon (at most once per MIN_REFRESH_INTERVAL),
-        asking ``hint`` first."""
-        if not self.running:
-            return
-        if hint is not None and hint not in self._hints:
-            self._hints.append(hint)
-        if self._refreshing is not None:
-            self._refresh_again = True
-            return
-        delay = max(0.0, self._last_refresh + MIN_REFRESH_INTERVAL - self.reactor.seconds())
-        self._schedule_refresh(delay)
+    @property
+    def refreshes(self) -> int:
+        """Slot maps fetched."""
+        return self.feed.refreshes
 
-    def _schedule_refresh(self, delay: float) -> None:
-        call = self._refresh_call
-        if call is not None and call.active():
-            if call.getTime() <= self.reactor.seconds() + delay:
-                return
-            call.cancel()
-        self._refresh_call = self.reactor.callLater(delay, self._refresh)
-
-    def _refresh(self) -> None:
-        if self._refresh_call is not None and self._refresh_call.active():
-            self._refresh_call.cancel()
-        self._refresh_call = None
-        if self._refreshing is not None or not self.running:
-            return
-        self._last_refresh = self.reactor.seconds()
+    def _known(self) -> tuple[list[Address], list[Address]]:
         up = [a for a, link in self.links.items() if link.connected]
-        down = [a for a in self.links if a not in up]
-        candidates = list(dict.fromkeys([*self._hints, *sorted(up), *self.seeds, *sorted(down)]))
-        self._hints = []
-        self._refreshing = d = self._fetch_slots(candidates)
-        d.addCallbacks(self._refreshed, self._refresh_failed)
-
-    @inlineCallbacks
-    def _fetch_slots(self, candidates: list[Address]) -> Any:
-        errors = []
-        for address in candidates:
-            if not self.running:
-                break
-            self._control_attempt = attempt = self._open_control(address)
-            try:
-                conn = yield attempt
-            except Exception as exc:
-                errors.append(f"{format_address(address)}: {exc}")
-                continue
-            finally:
-                self._control_attempt = None
-            self._control = conn
-            deadline = self.reactor.callLater(self.options.timeout, conn.transport.abortConnection)
-            try:
-                yield handshake(conn, self.options.username, self.options.password, 0, self.options.name + "-control")
-                reply = yield conn.command("CLUSTER", "SLOTS")
-                slots = SlotMap.from_cluster_slots(reply, address).remapped(self.remap)
-                if slots.masters():
-                    return slots
-                errors.append(f"{format_address(address)}: serves no slots")  # reset or not yet joined
-            except Exception as exc:
-                errors.append(f"{format_address(address)}: {exc}")
-            finally:
-                if deadline.active():
-                    deadline.cancel()
-                self._control = None
-                gone = closed(conn)
-                if conn.connected:
-                    conn.transport.loseConnection()
-                yield gone
-        raise ConnectionError("; ".join(errors) or "no seed node configured")
-
-    def _open_control(self, address: Address) -> Deferred[RedisProtocol]:
-        o = self.options
-        return connect(self.reactor, address[0], address[1], timeout=o.timeout, tls=o.tls, ca_file=o.ca_file)
+        return up, [a for a in self.links if a not in up]
 
     def _refreshed(self, slots: SlotMap) -> None:
-        self._refreshing = None
-        if not self.running:
-            return
-        self.refreshes += 1
         horizon = self.reactor.seconds() - MIN_REFRESH_INTERVAL
         self._moved_at = {c: t for c, t in self._moved_at.items() if t > horizon}
-        if self._refresh_failures or self.slots is None:
-            log.info("cluster slot map: {count} masters {masters}", count=len(slots.masters()),
-                     masters=", ".join(format_address(a) for a in sorted(slots.masters())))
-        self._refresh_failures = 0
         self._apply(slots)
-        if self._refresh_again:
-            self._refresh_again = False
-            self.request_refresh()
-        else:
-            self._schedule_refresh(self.refresh_interval)
-
-    def _refresh_failed(self, failure: Failure) -> None:
-        self._refreshing = None
-        if not self.running:
-            return
-        self._refresh_failures += 1
-        self._last_error = failure.getErrorMessage()
-        delay = backoff(self._refresh_failures, self.rng)
-        log.warn("cannot read the cluster slot map ({error}); retry {attempt} in {delay:.1f}s",
-                 error=self._last_error, attempt=self._refresh_failures, delay=delay)
-        self._refresh_again = False
-        self._schedule_refresh(delay)
