@@ -105,10 +105,15 @@ class ClusterGate:
         waiter: Deferred[None] = Deferred()
         self._waiters.setdefault(channel, []).append(waiter)
         waiter.addTimeout(self.timeout, self.bus.reactor)
-        return waiter.addErrback(self._late, channel)
+        return waiter.addErrback(self._late, channel, waiter)
 
-    def _late(self, failure: Failure, channel: str) -> None:
+    def _late(self, failure: Failure, channel: str, waiter: Deferred[None]) -> None:
         failure.trap(TimeoutError)
+        pending = self._waiters.get(channel, [])
+        if waiter in pending:  # not kept while its shard stays away
+            pending.remove(waiter)
+            if not pending:
+                del self._waiters[channel]
         log.warn("{channel} not confirmed by its shard within {timeout}s; answering the subscribe anyway "
                  "(delivery starts once it is)", channel=channel, timeout=self.timeout)
 

@@ -134,8 +134,8 @@ class SlotMap:
 
     def remapped(self, remap: Remap) -> "SlotMap":
         """The same map with every owner's address passed through ``remap``."""
-        cache: dict[Address, Address] = {}
-        return SlotMap([None if a is None else cache.setdefault(a, remap(a)) for a in self._owners])
+        new = {a: remap(a) for a in set(self._owners) if a is not None}
+        return SlotMap([None if a is None else new[a] for a in self._owners])
 
     def with_owner(self, slot: int, address: Address) -> "SlotMap":
         """A copy where ``slot`` belongs to ``address`` (what a MOVED says)."""

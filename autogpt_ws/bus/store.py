@@ -95,7 +95,7 @@ class LatestStore:
         node = self.node(self._route(key_slot(latest)))
         node.command("EVAL", WRITE, 2, latest, runs_key(user_id, graph_id), event, self._ttl,
                      int(self._reactor.seconds() * 1000), graph_exec_id, self._graph_limit
-                     ).addErrback(self._failed, "write")
+                     ).addErrback(self._unwrap).addErrback(self._failed, "write")
 
     # -- reading ----------------------------------------------------------------
 
