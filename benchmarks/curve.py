@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--points", default="1000,10000,50000,100000", help="subscribed sockets, comma-separated")
     p.add_argument("--clients", default="plain,deflate", help="plain, deflate or both")
     p.add_argument("--rate", type=int, default=20000, help="steady deliveries/s, plain clients")
-    p.add_argument("--deflate-rate", type=int, default=5000, help="steady deliveries/s, deflate clients")
+    p.add_argument("--deflate-rate", type=int, default=20000, help="steady deliveries/s, deflate clients")
     p.add_argument("--rate-secs", type=float, default=10.0)
     p.add_argument("--idle-secs", type=float, default=20.0, help="idle spell (the ping interval is 20 s)")
     p.add_argument("--deliveries", type=int, default=200000, help="at least this many per point in bursts")

@@ -146,7 +146,8 @@ class Wheel(TestCase):
 
         self.PING = PING
         self.clock = Clock()
-        self.keepalive = Keepalive(self.clock, interval=20.0, timeout=10.0)
+        # spread 0.5: a socket's first ping is due exactly one interval after it opens
+        self.keepalive = Keepalive(self.clock, interval=20.0, timeout=10.0, spread=lambda: 0.5)
         self.keepalive.start()
         self.addCleanup(self.keepalive.stop)
 
@@ -208,10 +209,53 @@ class Wheel(TestCase):
         self.advance(0.25)
         self.assertTrue(sock.aborted)  # its deadline counts from when it was sent
 
+    def test_sockets_opened_together_ping_apart(self) -> None:
+        """Sockets that opened in the same instant (browsers reconnecting
+        after a restart) have their first pings spread over one interval,
+        and keep that spread: no turn pings more than a few of them, where
+        without the spread one turn would ping all 2,000 (measured: reactor
+        stalls of 30-40 ms at 19,500 sockets, benchmarks/curve.py)."""
+        import random
+
+        from autogpt_ws.sockets.keepalive import Keepalive
+
+        keepalive = Keepalive(self.clock, interval=20.0, timeout=10.0, spread=random.Random(7).random)
+        keepalive.start()
+        self.addCleanup(keepalive.stop)
+        socks = [FakeSocket() for _ in range(2000)]
+        for sock in socks:
+            keepalive.add(sock)  # type: ignore[arg-type]
+        per_turn: list[int] = []
+        first: dict[int, float] = {}
+        for _ in range(int(70 / keepalive.tick)):  # 3.5 intervals
+            before = keepalive.pings
+            self.clock.advance(keepalive.tick)
+            per_turn.append(keepalive.pings - before)
+            for i, sock in enumerate(socks):
+                if sock.sent and not sock.aborted:
+                    first.setdefault(i, self.clock.seconds())
+                    keepalive.pong(sock)  # type: ignore[arg-type]
+        self.assertEqual(len(first), 2000)
+        self.assertGreaterEqual(min(first.values()), 10.0)  # half an interval at the soonest
+        self.assertLessEqual(max(first.values()), 30.0 + keepalive.tick)  # one and a half at the latest
+        self.assertGreater(max(first.values()) - min(first.values()), 19.0)
+        self.assertLessEqual(max(per_turn), 12)  # 3.1 a turn on average (2,000 over 640 turns)
+        self.assertEqual({sock.aborted for sock in socks}, {False})
+        self.assertGreaterEqual(min(len(sock.sent) for sock in socks), 3)
+
+    def test_the_tick_holds_few_sockets(self) -> None:
+        """The wheel turns every 1/32 s at most, so a turn's pings (and the
+        pongs right after) are a small share of the sockets: a 64th of
+        them with the default 20 s interval, spread evenly."""
+        from autogpt_ws.sockets.keepalive import Keepalive
+
+        self.assertEqual(Keepalive(self.clock, interval=20.0, timeout=20.0).tick, 1 / 32)
+        self.assertEqual(Keepalive(self.clock, interval=0.1, timeout=20.0).tick, 0.025)
+
     def test_no_deadline(self) -> None:
         from autogpt_ws.sockets.keepalive import Keepalive
 
-        keepalive = Keepalive(self.clock, interval=1.0, timeout=0)
+        keepalive = Keepalive(self.clock, interval=1.0, timeout=0, spread=lambda: 0.5)
         keepalive.start()
         self.addCleanup(keepalive.stop)
         sock = FakeSocket()
