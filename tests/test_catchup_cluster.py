@@ -18,8 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from autogpt_ws.bus.replay import ClusterCatchup
@@ -30,7 +29,7 @@ from autogpt_ws.core.channels import Layout
 from autogpt_ws.producing import publish
 from autogpt_ws.running.service import WebsocketServer
 from autogpt_ws.stats import Stats
-from tests.helpers import SECRET, Client, U, make_settings, redis_call, sleep, token, wait_for
+from tests.helpers import SECRET, Client, U, make_settings, redis_call, sleep, wait_for
 from tests.test_bus_cluster import ClusterTestCase, uid
 
 LAYOUT = Layout()

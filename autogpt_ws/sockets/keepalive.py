@@ -14,18 +14,22 @@ socket to the slot of its next ping (``ping_interval`` after the pong, as
 Autobahn does); a socket still waiting at its deadline is dropped (the
 client sees 1006, as before).
 
-A turn's work is a ping per socket due in its slot, then, a moment later,
-their pongs: some tens of microseconds per socket in all.  Two things keep
-a turn short, so that it never holds deliveries up for long: the tick is
-short (1/32 s, or a quarter of the shorter of interval and timeout), and a
-socket's first ping is due at a random point between half an interval and
+A turn's work is a ping per socket due, then, a moment later, their
+pongs: some tens of microseconds per socket in all.  Two things keep it
+from holding deliveries up: a turn pings at most ``SLICE`` sockets, then
+yields to the reactor (``callLater(0)``) and goes on where it stopped, so
+events and pongs that arrived meanwhile are served between slices; and a
+socket's first ping falls at a random point between half an interval and
 one and a half intervals after it opens, so sockets that opened together
-(every browser reconnecting after a restart) do not ping together for ever
-after: their pings spread evenly over the interval.  Measured with
+(every browser reconnecting after a restart) do not ping together for
+ever after: their pings spread evenly over the interval.  Measured with
 benchmarks/curve.py at 19,500 sockets and 20,000 deliveries/s, three runs
-each, alternating: a quarter-second tick and no spread gave p99 latencies
-of 31-42 ms and 99-123 reactor stalls over 6 ms in 10 s; this gives
-5.7-22 ms and 11-59.  Times are rounded up to the tick.
+each, alternating: the longest reactor stall of a 10 s spell was 35-54 ms
+when a turn pinged every socket due at once, with no spread, and 15-25 ms
+with both (what is left is fan-out work: about 2.5 ms per event there).
+A shorter tick would bound a turn too, but every wake-up of an idle
+server costs (a 1/32 s tick took 0.65% of a core with no socket open,
+against 0.05% with pings off).  Times are rounded up to the tick.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from typing import Any, Callable, Protocol
 from twisted.internet.task import LoopingCall
 
 PING = b"\x89\x00"  # an unmasked ping frame with no payload (RFC 6455 5.5.2)
-MAX_TICK = 1 / 32  # seconds; a power of two, so slot times add up exactly
+MAX_TICK = 0.25
+SLICE = 64  # sockets pinged (or dropped) before the wheel yields to the reactor
 
 
 class Pinged(Protocol):
@@ -62,6 +67,8 @@ class Keepalive:
         self._slots: dict[int, set[Pinged]] = {}
         self._done = self._slot(clock.seconds()) - 1  # the last slot walked
         self._loop: LoopingCall | None = None
+        self._due = self._done  # the last slot to walk in this turn
+        self._resume: Any = None  # the DelayedCall that goes on with a turn cut short
         self.pings = 0  # sent
         self.dropped = 0  # sockets that did not answer in time
 
@@ -76,7 +83,7 @@ class Keepalive:
 
     def start(self) -> None:
         if self.enabled and self._loop is None:
-            self._done = self._slot(self.clock.seconds()) - 1
+            self._done = self._due = self._slot(self.clock.seconds()) - 1
             self._loop = LoopingCall(self._turn)
             self._loop.clock = self.clock
             self._loop.start(self.tick, now=False)
@@ -85,6 +92,9 @@ class Keepalive:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
+        self._resume = None
 
     # -- sockets --------------------------------------------------------------------
 
@@ -112,8 +122,8 @@ class Keepalive:
             self.remove(proto)
             self._put(proto, self.clock.seconds() + self.interval)
 
-    def _put(self, proto: Pinged, due: float) -> None:
-        slot = max(self._slot(due), self._done + 1)
+    def _put(self, proto: Pinged, due: float, after: int = -1) -> None:
+        slot = max(self._slot(due), self._done + 1, after + 1)
         proto._ka_slot = slot
         members = self._slots.get(slot)
         if members is None:
@@ -123,22 +133,37 @@ class Keepalive:
     # -- the wheel ------------------------------------------------------------------
 
     def _turn(self) -> None:
-        now = self.clock.seconds()
-        current = self._slot(now)
+        self._due = self._slot(self.clock.seconds())
+        if self._resume is None:  # else the turn cut short goes on, now up to here
+            self._walk()
+
+    def _walk(self) -> None:
+        """Walk the slots up to ``_due``, ``SLICE`` sockets at a time.  A
+        socket stays in its slot's set until its turn comes, so one closed
+        meanwhile (``remove``) is never touched."""
+        self._resume = None
+        budget = SLICE
         slots = self._slots
-        while self._done < current:
-            self._done += 1
-            members = slots.pop(self._done, None)
-            if not members:
-                continue
-            for proto in members:
-                del proto._ka_slot
-                if proto._ka_waiting:
-                    self.dropped += 1
-                    proto.abort()  # no pong in time: dropped, as a dead connection
-                else:
-                    if self.timeout > 0:  # else no deadline: pinged again after the interval
-                        proto._ka_waiting = True
-                    self._put(proto, now + (self.timeout if self.timeout > 0 else self.interval))
-                    self.pings += 1
-                    proto.sendData(PING)
+        while self._done < self._due:
+            slot = self._done + 1
+            members = slots.get(slot)
+            if members:
+                now = self.clock.seconds()
+                while members and budget:
+                    proto = members.pop()
+                    budget -= 1
+                    del proto._ka_slot
+                    if proto._ka_waiting:
+                        self.dropped += 1
+                        proto.abort()  # no pong in time: dropped, as a dead connection
+                    else:
+                        if self.timeout > 0:  # else no deadline: pinged again after the interval
+                            proto._ka_waiting = True
+                        self._put(proto, now + (self.timeout if self.timeout > 0 else self.interval), after=slot)
+                        self.pings += 1
+                        proto.sendData(PING)
+                if members:  # the budget is spent: the rest after the reactor's other work
+                    self._resume = self.clock.callLater(0, self._walk)
+                    return
+            slots.pop(slot, None)
+            self._done = slot
