@@ -21,7 +21,9 @@ executions), and is measured:
   clients): p50/p99 publish-to-delivery latency, and the server CPU per
   delivery over it, less the idle CPU of the same time;
 - the server's full garbage collections once the sockets are open: how
-  many, and the longest pause (the server runs under gclog.py).
+  many, and the longest pause (the server runs under gclog.py);
+- the load client's longest event-loop stall over the steady spell: a
+  p99 near it is the client's, not the server's.
 
 Prints a table, writes benchmarks/results/curve-<time>.json and draws
 docs/curve.png (matplotlib, in a venv of its own:
@@ -103,6 +105,8 @@ def point(n: int, kind: str, redis: Redis, logdir: str, args: argparse.Namespace
         busy = out["server_cpu_s"] - idle_share * out["server_wall_s"]
         row["rate_us_per_delivery"] = busy / max(out["received"], 1) * 1e6
         row["client_cpu_pct"] = 100 * out["cpu_ms"] / 1000 / out["server_wall_s"]
+        row["client_lag_p99_ms"], row["client_lag_max_ms"] = out["client_lag_p99_ms"], out["client_lag_max_ms"]
+        row["client_gc_max_ms"] = out["client_gc_max_ms"]
         full = [float(ms) for at, generation, ms in (line.split() for line in open(gc_log))
                 if generation == "2" and float(at) > opened_at]
         row["gc_full_count"], row["gc_full_max_ms"] = len(full), max(full, default=0.0)
@@ -110,7 +114,8 @@ def point(n: int, kind: str, redis: Redis, logdir: str, args: argparse.Namespace
             f"idle {row['idle_cpu_pct']:4.1f}% core, burst {row['burst_us_per_delivery']:5.2f} us/delivery "
             f"({row['burst_msgs_per_s']:,}/s), steady {row['rate_deliveries_per_s']:,.0f}/s: "
             f"{row['rate_us_per_delivery']:5.2f} us/delivery, p50 {row['rate_p50_ms']} p99 {row['rate_p99_ms']} ms, "
-            f"client {row['client_cpu_pct']:.0f}%, {len(full)} full collections, the longest {row['gc_full_max_ms']:.0f} ms")
+            f"client {row['client_cpu_pct']:.0f}% (its loop late by {row['client_lag_p99_ms']} ms p99, "
+            f"{row['client_lag_max_ms']} max; its longest GC {row['client_gc_max_ms']} ms), {len(full)} full collections, the longest {row['gc_full_max_ms']:.0f} ms")
     finally:
         client.close()
         server.stop()
@@ -123,7 +128,7 @@ COLUMNS = [
     ("burst_us_per_delivery", "burst us/delivery", "{:.2f}"), ("rate_deliveries_per_s", "steady rate/s", "{:,.0f}"),
     ("rate_us_per_delivery", "steady us/delivery", "{:.2f}"), ("rate_p50_ms", "p50 ms", "{:.2f}"),
     ("rate_p99_ms", "p99 ms", "{:.2f}"), ("gc_full_count", "full GCs", "{}"),
-    ("gc_full_max_ms", "longest full GC ms", "{:.0f}"),
+    ("gc_full_max_ms", "longest full GC ms", "{:.0f}"), ("client_lag_max_ms", "client stalled ms", "{:.0f}"),
 ]
 
 

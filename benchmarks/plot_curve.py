@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 PANELS = [
     ("memory per idle subscribed socket (KiB)", [("kib_per_socket", "", "-")]),
     ("server CPU per delivery (µs)", [("burst_us_per_delivery", "burst", "-"), ("rate_us_per_delivery", "steady", "--")]),
-    ("steady rate: p99 publish->delivery (ms)", [("rate_p99_ms", "", "-")]),
+    ("steady rate: p99 publish->delivery (ms)",
+     [("rate_p99_ms", "", "-"), ("client_lag_max_ms", "the load client's longest stall", ":")]),
     ("idle server CPU per 1,000 sockets (% of a core)", [("idle_cpu_per_1k", "", "-")]),
     ("longest full garbage collection (ms)", [("gc_full_max_ms", "", "-")]),
     ("full garbage collections per point", [("gc_full_count", "", "-")]),

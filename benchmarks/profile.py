@@ -2,8 +2,11 @@
 """Where does our server spend its CPU?  py-spy on the server while the load
 client drives one scenario; prints self and inclusive time per function.
 
-    python benchmarks/profile.py burst|rate|ignored|setup [--events N] [--conns N] [--channels N]
-                                 [--rate EVENTS_PER_S] [--deflate] [--native]
+    python benchmarks/profile.py burst|rate|ignored|setup|idle [--events N] [--conns N] [--channels N]
+                                 [--rate EVENTS_PER_S] [--deflate] [--native] [--idle-secs S]
+
+``idle`` records --idle-secs (default 40 s, two ping intervals) of the
+--conns sockets open with no events: the protocol pings are the work.
 
 Needs py-spy (``.venv/bin/pip install py-spy``).  Same pinning as run.py.
 Collapsed stacks go to benchmarks/results/profile-<scenario>.txt.
@@ -49,13 +52,14 @@ def summarize(path: str, top: int) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=("burst", "rate", "ignored", "setup"))
+    p.add_argument("scenario", choices=("burst", "rate", "ignored", "setup", "idle"))
     p.add_argument("--events", type=int, default=5000)
     p.add_argument("--conns", type=int, default=1000)
     p.add_argument("--channels", type=int, default=10, help="executions the sockets subscribe to")
     p.add_argument("--rate", type=float, default=200, help="events/s of the rate scenario")
     p.add_argument("--deflate", action="store_true", help="clients offer permessage-deflate as Chromium does")
     p.add_argument("--native", action="store_true")
+    p.add_argument("--idle-secs", type=float, default=40.0, help="how long the idle scenario records")
 
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--ours-arg", action="append", default=[])
@@ -84,6 +88,10 @@ def main() -> int:
             out = client.run(cmd="burst", events=args.events, channels=ch)
         elif args.scenario == "rate":
             out = client.run(cmd="burst", events=args.events, channels=ch, rate=args.rate)
+        elif args.scenario == "idle":
+            c0 = server.cpu()
+            time.sleep(args.idle_secs)
+            out = {"server_cpu_s": (server.cpu() - c0) / procs.HZ, "server_wall_s": args.idle_secs}
         elif args.scenario == "ignored":
             out = client.run(cmd="ignore", events=args.events)
         else:

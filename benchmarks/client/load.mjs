@@ -34,6 +34,7 @@
 //   {"cmd":"ping"}                                       counters
 //   {"cmd":"quit"}
 import net from 'node:net';
+import { monitorEventLoopDelay, PerformanceObserver } from 'node:perf_hooks';
 import readline from 'node:readline';
 import zlib from 'node:zlib';
 
@@ -78,6 +79,7 @@ function clientFrame(opcode, payload, rsv1 = false) {
   else { head = Buffer.alloc(8); head[0] = b0; head[1] = 0x80 | 126; head.writeUInt16BE(n, 2); }
   return Buffer.concat([head, body]);
 }
+const EMPTY_PONG = clientFrame(10, Buffer.alloc(0));
 const subscribeMessage = (execId) => JSON.stringify({ method: 'subscribe_graph_execution', data: { graph_exec_id: execId } });
 
 // -- permessage-deflate (RFC 7692) ---------------------------------------------
@@ -280,8 +282,8 @@ class Conn {
           if (payload === null) { inflateErrors++; off = end; continue; }
         }
         this.message(payload);
-      } else if (op === 9) {
-        this.sock.write(clientFrame(10, buf.subarray(start, end)));
+      } else if (op === 9) { // a browser answers at once; an empty ping (ours, every 20 s) with one shared frame
+        this.sock.write(end === start ? EMPTY_PONG : clientFrame(10, buf.subarray(start, end)));
       } else if (op === 8) {
         serverCloses++;
         this.sock.end();
@@ -545,6 +547,12 @@ function quantiles() {
   return { p50_ms: q(0.5), p99_ms: q(0.99), max_ms: a.length ? +a[a.length - 1].toFixed(2) : null, samples: a.length };
 }
 
+const loopDelay = monitorEventLoopDelay({ resolution: 2 });
+loopDelay.enable();
+let gcMaxMs = 0; // this client's longest garbage-collection pause in the burst
+new PerformanceObserver((list) => { for (const e of list.getEntries()) gcMaxMs = Math.max(gcMaxMs, e.duration); })
+  .observe({ entryTypes: ['gc'] });
+
 const yieldNow = () => new Promise((r) => setImmediate(r));
 
 // burst (rate 0) or steady rate (events/s)
@@ -558,6 +566,7 @@ async function burst({ events, channels, rate = 0, timeout = 120, event = 'pad',
   let expected = 0;
   for (let j = 0; j < events; j++) expected += subs.get(execOf(j)) ?? 0;
   received = 0; latN = 0; wireBytes = 0; payloadBytes = 0;
+  loopDelay.reset(); gcMaxMs = 0;
   const errors0 = inflateErrors, pubErrors0 = publishErrors;
   verifying = check ? new Map() : null;
   Object.assign(verify, { checked: 0, mismatched: 0, first: null });
@@ -590,7 +599,10 @@ async function burst({ events, channels, rate = 0, timeout = 120, event = 'pad',
   const out = { expected, received, complete: done, publish_s: +((tPub - t0) / 1000).toFixed(3),
     deliver_s: +((tEnd - t0) / 1000).toFixed(3), msgs_per_s: Math.round(received / ((tEnd - t0) / 1000)),
     wire_bytes: wireBytes, payload_bytes: payloadBytes, inflate_errors: inflateErrors - errors0,
-    publish_errors: publishErrors - pubErrors0, ...quantiles() };
+    publish_errors: publishErrors - pubErrors0, ...quantiles(),
+    // this client's own event-loop delay over the burst: how late it could have read a frame
+    client_lag_p99_ms: +(loopDelay.percentile(99) / 1e6).toFixed(2), client_lag_max_ms: +(loopDelay.max / 1e6).toFixed(2),
+    client_gc_max_ms: +gcMaxMs.toFixed(2) };
   if (verifying) { out.verified = verify.checked; out.mismatched = verify.mismatched; out.first_mismatch = verify.first; verifying = null; }
   return out;
 }
