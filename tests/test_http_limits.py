@@ -12,7 +12,7 @@ import base64
 import socket
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -368,6 +368,54 @@ class Pipelining(TestCase):
         proto.transport.resumeProducing()  # type: ignore[union-attr]
         yield wait_for(lambda: proto.received.count(b'{"status":"healthy"}') == count, timeout=20)
         self.assertEqual(proto.received.count(b"HTTP/1.1 200 OK"), count)
+
+
+    @inlineCallbacks
+    def _stuck(self, server: Any, count: int) -> Any:
+        """A keep-alive connection that pipelined ``count`` GET /health and
+        reads none of the answers, once the server holds some of them; the
+        server's side of it sends through a small buffer, so that its
+        answers back up after a few hundred."""
+        proto = yield talk(self, server.port, rcvbuf=4096)
+        proto.transport.pauseProducing()  # type: ignore[union-attr]  # stop reading
+        port = proto.transport.getHost().port  # type: ignore[union-attr]
+        yield wait_for(lambda: _accepted(port))
+        _accepted(port)[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        proto.write(get("/health") * count)
+        yield wait_for(lambda: _channels(server) and _channels(server)[0]._held)
+        (channel,) = _channels(server)
+        return proto, channel
+
+    @inlineCallbacks
+    def test_requests_held_for_a_client_that_does_not_read_are_bounded(self) -> None:
+        """Once answers back up, the server stops reading: it holds at most
+        the rest of one read, not every request the client goes on sending."""
+        server = start_server(self)
+        count = 20000  # 780 KB of requests
+        proto, channel = yield self._stuck(server, count)
+        yield sleep(0.5)  # what the client can send meanwhile
+        self.assertLessEqual(len(channel._held), server.site.max_held)
+        other = yield answered(self, server.port, get("/health", "Connection: close"))
+        self.assertEqual(other.status(), 200)
+        proto.transport.resumeProducing()  # type: ignore[union-attr]
+        yield wait_for(lambda: proto.received.count(b'{"status":"healthy"}') == count, timeout=20)
+        self.assertFalse(proto.lost.called)
+
+    @inlineCallbacks
+    def test_held_past_the_bound_aborts(self) -> None:
+        """Bytes that come all the same while the server holds (a TLS layer
+        delivers what one read decrypted) are bounded too."""
+        server = start_server(self)
+        proto, channel = yield self._stuck(server, 20000)
+        channel.dataReceived(get("/health") * (server.site.max_held // len(get("/health")) + 1))
+        yield proto.lost.addTimeout(5, reactor)
+        self.assertTrue(proto.closed_by_server)
+
+
+def _accepted(port: int) -> list[Any]:
+    """The server's TCP transport of the client connection from ``port``."""
+    return [selectable for selectable in set(reactor.getReaders()) | set(reactor.getWriters())  # type: ignore[attr-defined]
+            if isinstance(selectable, tcp.Server) and selectable.getPeer().port == port]
 
 
 def _channels(server: Any) -> list[Any]:

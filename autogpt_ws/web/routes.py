@@ -23,6 +23,9 @@ from .heads import OVERLOADED, HeadReader, HeadRefused, Refusal, refuse
 
 log = Logger()
 
+# the most a TCP transport reads at once (twisted.internet.tcp)
+READ_SIZE = 2 ** 16
+
 HEALTHY = b'{"status":"healthy"}'
 ALLOW_METHODS = b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
 
@@ -159,19 +162,25 @@ class BoundedChannel(HTTPChannel):
       connection closed after the answer;
     - pipelined requests are parsed only while the client reads the
       answers: a read full of them does not pile up answers in memory.
+      Once the transport's buffer is full the rest of the read is held and
+      the connection is no longer read (twisted.web pauses it only between
+      requests, and the pause comes while a request is answered); reading
+      resumes, and the held requests are parsed, when the client has taken
+      its answers.  At most ``max_held`` bytes are held (what one read can
+      bring), past which the connection is aborted;
 
     The connection counts toward ``max_http_connections`` until it closes."""
 
     _head_call: Any = None
-    _held = b""  # pipelined requests waiting for the client to read
+    _held: bytearray | None = None  # pipelined requests waiting for the client to read
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.head = self.site.head_reader()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._held or self._waitingForTransport:
-            self._held += data
+        if self._held is not None or self._waitingForTransport:
+            self._hold(data)
             return
         start = 0
         while start < len(data) and not self.transport.disconnecting:
@@ -189,14 +198,28 @@ class BoundedChannel(HTTPChannel):
             super().dataReceived(data[start:end])
             start = end
             if self._waitingForTransport and start < len(data):
-                self._held = data[start:]
+                self._hold(data[start:])
                 return
+
+    def _hold(self, data: bytes) -> None:
+        """Keep ``data`` until the client has read its answers, reading no
+        more meanwhile."""
+        held = self._held
+        if held is None:
+            held = self._held = bytearray()
+            self._networkProducer.pauseProducing()  # resumed by resumeProducing
+        held += data
+        if len(held) > self.site.max_held:
+            log.info("a client pipelined {size} bytes of requests without reading the answers: aborting",
+                     size=len(held))
+            self._held = None
+            self.transport.abortConnection()
 
     def resumeProducing(self) -> None:
         super().resumeProducing()
-        if self._held and not self._waitingForTransport:
-            held, self._held = self._held, b""
-            self.dataReceived(held)
+        if self._held is not None and not self._waitingForTransport:
+            held, self._held = self._held, None
+            self.dataReceived(bytes(held))
 
     def allHeadersReceived(self) -> None:
         request = self.requests[-1]
@@ -349,6 +372,9 @@ class QuietSite(Site):
         self.max_request_line = settings.max_request_line
         self.max_request_head = settings.max_request_head
         self.max_http_connections = settings.max_http_connections
+        # pipelined bytes a channel may hold while its client does not read:
+        # one read (with the head before it, on a connection's first read)
+        self.max_held = settings.max_request_head + READ_SIZE
         self.http_connections = 0  # connections that are not (yet) WebSockets
 
     def head_reader(self) -> HeadReader:
