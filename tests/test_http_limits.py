@@ -24,7 +24,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from autogpt_ws.web.heads import MAX_HEADERS, HeadReader, HeadRefused
-from tests.helpers import SilentServer, raw_connect, raw_upgrade_request, sleep, start_server, tcp_buffered, wait_for
+from tests.helpers import (SilentServer, raw_connect, raw_upgrade_request, sleep, start_server, tcp_buffered, wait_for,
+                           ws_client_frame)
 
 HEARTBEAT = '{"method":"heartbeat","data":"ping","success":true}'
 PONG = b'{"method":"heartbeat","data":"pong","success":true}'
@@ -410,6 +411,21 @@ class Pipelining(TestCase):
         channel.dataReceived(get("/health") * (server.site.max_held // len(get("/health")) + 1))
         yield proto.lost.addTimeout(5, reactor)
         self.assertTrue(proto.closed_by_server)
+
+
+class KeepAliveUpgrade(TestCase):
+    """A /ws upgrade on a keep-alive connection, twisted.web's: the bytes
+    after its head in the same read are the WebSocket's."""
+
+    @inlineCallbacks
+    def test_frame_in_the_same_read_as_the_upgrade(self) -> None:
+        server = start_server(self)
+        frame = ws_client_frame(HEARTBEAT.encode())
+        proto = yield talk(self, server.port, get("/health") + upgrade_with() + frame)
+        yield wait_for(lambda: PONG in proto.received)
+        self.assertIn(b'{"status":"healthy"}', proto.received)
+        self.assertIn(b"HTTP/1.1 101 ", proto.received)
+        self.assertEqual(len(server.factory.sockets), 1)
 
 
 def _accepted(port: int) -> list[Any]:

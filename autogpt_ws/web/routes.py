@@ -168,6 +168,8 @@ class BoundedChannel(HTTPChannel):
       resumes, and the held requests are parsed, when the client has taken
       its answers.  At most ``max_held`` bytes are held (what one read can
       bring), past which the connection is aborted;
+    - a WebSocket upgrade (:class:`Upgrade`) takes the connection over: the
+      bytes that followed its head in the same read go to the WebSocket.
 
     The connection counts toward ``max_http_connections`` until it closes."""
 
@@ -195,8 +197,13 @@ class BoundedChannel(HTTPChannel):
                 super().dataReceived(data[start:] if start else data)
                 return
             self._cancel_head()
+            transport = self.transport
             super().dataReceived(data[start:end])
             start = end
+            if self.transport is None:  # a WebSocket took the connection over (Upgrade)
+                if start < len(data):
+                    _taker(transport).dataReceived(data[start:])
+                return
             if self._waitingForTransport and start < len(data):
                 self._hold(data[start:])
                 return
@@ -263,6 +270,16 @@ class BoundedChannel(HTTPChannel):
         self._head_call = None
         self.setTimeout(None)
         self.timeoutConnection()
+
+
+def _taker(transport: Any) -> Any:
+    """The protocol a WebSocket upgrade (Autobahn's WebSocketResource.render)
+    connected to ``transport`` in place of twisted.web's channel."""
+    if isinstance(transport, ProtocolWrapper):  # TLS
+        return transport.wrappedProtocol
+    if isinstance(transport.protocol, ProtocolWrapper):
+        return transport.protocol.wrappedProtocol
+    return transport.protocol
 
 
 UPGRADE_LINES = (b"GET /ws ", b"GET /ws?")
