@@ -528,3 +528,24 @@ class WaitingHandler(TestCase):
         yield wait_for(lambda: len(client.messages) == 1 + count, timeout=30)
         self.assertEqual(client.messages[0], subscribed("e1"))
         self.assertEqual(set(client.messages[1:]), {PONG})
+
+
+class ClosingSocket(TestCase):
+    """While the server waits for the client's close frame, the client's
+    data frames are read (to reach it) and dropped, within the same bounds."""
+
+    @inlineCallbacks
+    def test_frames_after_the_servers_close_are_bounded(self) -> None:
+        limit = 1024
+        server = start_server(self, rate_limit=0, max_inbound_frame=limit)
+        client = yield raw_connect(server.port, answer_close=False, test=self)
+        proto = server_side(server, client)
+        piece = b"x" * 512
+        frames = [ws_client_frame(b"\x00", opcode=0x2),  # closed 1003
+                  ws_client_frame(piece, fin=False)] + [ws_client_frame(piece, opcode=0x0, fin=False)] * 30
+        client.transport.write(b"".join(frames))
+        yield client.lost
+        self.assertEqual(client.close_code, 1003)
+        self.assertFalse(proto.wasCloseHandshakeTimeout)  # dropped at the bound, not 3 s later
+        self.assertLessEqual(sum(map(len, proto.message_data)), limit)
+        yield wait_for(lambda: server.stats.sockets_closed["1003"] == 1)

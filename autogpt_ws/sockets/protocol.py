@@ -13,6 +13,9 @@ takes a token of the rate limit; a message spans at most
 bytes (a compressed one is inflated at most one byte past that, then
 refused).  A client that breaks one is closed and then ignored: the
 connection ends as soon as the close frame is written (:meth:`Outbound._shut`).
+The size and frame bounds hold while the server waits for the client's
+close frame too (the client's data frames are read then, and dropped): one
+that breaks them then is dropped at once.
 """
 
 from __future__ import annotations
@@ -265,13 +268,20 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
 
     def onFrameBegin(self) -> None:
         """The bounds on a frame, from its header (module docstring)."""
-        if self.state == STATE_OPEN:
+        state = self.state
+        if state == STATE_OPEN or (state == _WS.STATE_CLOSING and not self._hanging_up):
             frame = self.current_frame
             opcode = frame.opcode
-            bucket = self._bucket
-            refused = bucket is not None and opcode != 8 and not bucket.take(self.factory.clock.seconds())
-            if refused:
-                self._rate_refused(bucket)  # type: ignore[arg-type]
+            refused = False
+            # closing: the client's frames are read until its close frame
+            # comes, and dropped (onMessage); the rate limit no longer
+            # matters, the bounds on a message still do (hung up: the rest
+            # of the read is parsed, then nothing more is read)
+            if state == STATE_OPEN:
+                bucket = self._bucket
+                refused = bucket is not None and opcode != 8 and not bucket.take(self.factory.clock.seconds())
+                if refused:
+                    self._rate_refused(bucket)  # type: ignore[arg-type]
             if opcode > 7:  # close, ping, pong
                 if refused and opcode == 9:
                     self._skip_pong = True
