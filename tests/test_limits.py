@@ -529,6 +529,44 @@ class WaitingHandler(TestCase):
         self.assertEqual(client.messages[0], subscribed("e1"))
         self.assertEqual(set(client.messages[1:]), {PONG})
 
+    @inlineCallbacks
+    def test_rate_refusal_answered_in_turn(self) -> None:
+        """A refusal of the rate limit waits behind the frames before it
+        whose handler waits (PROTOCOL.md: each reply before the next frame
+        is handled)."""
+        server = start_server(self, rate_limit=1.0, rate_burst=3, rate_abuse_close=10)
+        server.factory.clock = Clock()  # no token comes back
+        resolver = PendingGate()
+        server.factory.gate = lambda: resolver
+        client = yield raw_connect(server.port, test=self)
+        frames = (subscribe("e1"), HEARTBEAT, HEARTBEAT, HEARTBEAT, HEARTBEAT)  # the last two over the burst
+        client.transport.write(b"".join(ws_client_frame(f.encode()) for f in frames))
+        yield wait_for(lambda: resolver.pending)
+        resolver.pending[0].callback(True)
+        yield client.message(4)
+        self.assertEqual(client.messages, [subscribed("e1"), PONG, PONG, RATE_LIMITED, RATE_LIMITED])
+
+    @inlineCallbacks
+    def test_many_frames_behind_a_waiting_handler(self) -> None:
+        """Frames queued behind a waiting handler are handled in a loop,
+        however many answer at once (a graph subscribe's settle has fired
+        already): no recursion per frame."""
+        server = start_server(self, rate_limit=0)
+        resolver = PendingGate()
+        server.factory.gate = lambda: resolver
+        client = yield raw_connect(server.port, test=self)
+        proto = server_side(server, client)
+        graph = json.dumps({"method": "subscribe_graph_executions", "data": {"graph_id": "g1"}}).encode()
+        count = 900  # one read (63 KB), all queued behind the first
+        client.transport.write(ws_client_frame(subscribe("e1").encode()) + ws_client_frame(graph) * count)
+        yield wait_for(lambda: resolver.pending)
+        self.assertGreater(len(proto._inbox or ()), 400)  # what the first read brought: most of them
+        resolver.pending[0].callback(True)
+        yield wait_for(lambda: len(client.messages) == 1 + count)
+        self.assertEqual(client.messages[0], subscribed("e1"))
+        replies = [json.loads(m) for m in client.messages[1:]]
+        self.assertEqual({(r["method"], r["success"]) for r in replies}, {("subscribe_graph_executions", True)})
+
 
 class ClosingSocket(TestCase):
     """While the server waits for the client's close frame, the client's

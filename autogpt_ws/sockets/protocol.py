@@ -21,6 +21,7 @@ that breaks them then is dropped at once.
 from __future__ import annotations
 
 from collections import deque
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -74,6 +75,16 @@ CLOSE_TOO_BIG = 1009
 RATE_LIMITED = error(ERR_RATE_LIMITED)
 
 
+class Refused(Enum):
+    """In a socket's inbox: a message refused by the rate limit, answered
+    in turn (PROTOCOL.md: each reply before the next frame is handled)."""
+
+    MESSAGE = 0
+
+
+REFUSED = Refused.MESSAGE
+
+
 class ServerProtocol(Outbound, WebSocketServerProtocol):
     factory: "SocketHost"
 
@@ -85,7 +96,7 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
     _attached = False
     _deflater: deflate.Deflater | None = None  # the parameter set of a compressing socket
     _busy: Deferred[None] | None = None
-    _inbox: deque[bytes] | None = None
+    _inbox: deque[bytes | Refused] | None = None  # messages waiting while a handler waits
     _bucket: TokenBucket | None = None
     # the message being received: its continuation frames so far, and
     # whether one of its frames was over the rate limit
@@ -346,38 +357,49 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
         if isBinary:
             self.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
             return
+        message: bytes | Refused = payload
         if self._refused:  # a frame of it was over the rate limit
             self._refused = False
-            self.send_reply(RATE_LIMITED)
-            return
-        if self._perMessageCompress is not None and len(payload) > self.factory.settings.max_inbound_frame:
+            message = REFUSED  # answered in turn, after the replies to the frames before it
+        elif self._perMessageCompress is not None and len(payload) > self.factory.settings.max_inbound_frame:
             self._too_big()  # inflated one byte past the limit: no further
             return
         if self._busy is not None:
             if self._inbox is None:
                 self._inbox = deque()
-            self._inbox.append(payload)
+            self._inbox.append(message)
             return
-        self._dispatch(payload)
+        self._dispatch(message)
 
-    def _dispatch(self, payload: bytes) -> None:
-        session = self._session
-        while session is not None:
-            try:
-                pending = session.handle(payload)
-            except Exception:
-                pending = None
-                self._handler_failed(Failure())
-            if pending is not None:
-                self._busy = pending
-                self._read(False)  # what follows waits in the client's TCP buffers, not here
-                pending.addErrback(self._handler_failed)
-                pending.addBoth(self._resume)
-                return
-            if not self._inbox or self._busy is not None:
-                return
-            payload = self._inbox.popleft()
+    def _dispatch(self, payload: bytes | Refused) -> None:
+        """Handle ``payload``, then what waits in the inbox, in order, until
+        a handler waits: one loop, however many handlers answer at once
+        (a Deferred that has already fired included)."""
+        while True:
             session = self._session
+            if session is None:
+                return
+            pending = None
+            if payload is REFUSED:
+                self.send_reply(RATE_LIMITED)
+            else:
+                try:
+                    pending = session.handle(payload)
+                except Exception:
+                    self._handler_failed(Failure())
+            if pending is not None:
+                pending.addErrback(self._handler_failed)
+                fired: list[object] = []
+                pending.addBoth(fired.append)
+                if not fired:  # it waits: so do the frames after it
+                    self._busy = pending
+                    self._read(False)  # what follows waits in the client's TCP buffers, not here
+                    pending.addBoth(self._resume)
+                    return
+            inbox = self._inbox
+            if not inbox:
+                return
+            payload = inbox.popleft()
 
     def _resume(self, _: object) -> None:
         self._busy = None
