@@ -19,7 +19,7 @@ CLOSE_CODES = {code: str(code) for code in (1000, 1001, 1002, 1003, 1006, 1007, 
 
 def close_code_label(code: int | None) -> str:
     """The ``code`` label of ``autogpt_ws_sockets_closed_total`` (1006: no
-    close frame)."""
+    close frame, or a client's close frame without a status code)."""
     return CLOSE_CODES.get(code, "other") if code else "1006"
 
 

@@ -47,7 +47,8 @@ class _Call:
 
 
 class ExactTimer:
-    """Autobahn's protocol timers (handshakes, auto-ping) on plain
+    """Autobahn's protocol timers (the opening and closing handshake
+    timeouts; its auto-ping is off, :mod:`keepalive` pings) on plain
     ``callLater``.  txaio's batched timer, Autobahn's default, floors every
     deadline to a whole second (``int(now + delay)``): a 1 s closing
     handshake timeout can fire at once and abort a socket before its close

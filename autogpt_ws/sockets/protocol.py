@@ -7,15 +7,15 @@ and close with the right code.  What the socket writes, and its bound,
 is :mod:`outbound`.
 
 Inbound bounds, per frame (:meth:`ServerProtocol.onFrameBegin`): every
-frame a client sends, pings, pongs and empty continuation frames included,
-takes a token of the rate limit; a message spans at most
-``max_message_frames`` frames and carries at most ``max_inbound_frame``
-bytes (a compressed one is inflated at most one byte past that, then
-refused).  A client that breaks one is closed and then ignored: the
-connection ends as soon as the close frame is written (:meth:`Outbound._shut`).
-The size and frame bounds hold while the server waits for the client's
-close frame too (the client's data frames are read then, and dropped): one
-that breaks them then is dropped at once.
+frame a client sends but its close frame, pings, pongs and empty
+continuation frames included, takes a token of the rate limit; a message
+spans at most ``max_message_frames`` frames and carries at most
+``max_inbound_frame`` bytes (a compressed one is inflated at most one byte
+past that, then refused).  A client that breaks one is closed and then
+ignored: the connection ends as soon as the close frame is written
+(:meth:`Outbound._shut`).  The size and frame bounds hold while the server
+waits for the client's close frame too (the client's data frames are read
+then, and dropped): one that breaks them then is dropped at once.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ class ServerProtocol(Outbound, WebSocketServerProtocol):
             factory.hub.detach(self)
             stats = factory.stats
             stats.open_sockets -= 1
-            # the code of whoever started the close (1006: no closing handshake)
+            # the code of whoever started the close (1006: no close frame,
+            # or the client's had no status code)
             code = self.localCloseCode if self.closedByMe else self.remoteCloseCode
             stats.sockets_closed[close_code_label(code)] += 1
         self._inbox = None
