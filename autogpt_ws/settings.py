@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -56,9 +57,12 @@ def _to_float(raw: Any) -> float:
     if isinstance(raw, bool):
         raise ValueError(f"{raw!r} is not a number")
     try:
-        return float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
-    except ValueError:
+        value = float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
+    except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
         raise ValueError(f"{raw!r} is not a number") from None
+    if not math.isfinite(value):  # nan passes every bound (nan < minimum is False); inf overflows timers
+        raise ValueError(f"{raw!r} is not a finite number")
+    return value
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)

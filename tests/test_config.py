@@ -236,6 +236,16 @@ class Rejections(Base):
         error = self.refused("redis_url", env={**NO_AUTH, "REDIS_URL": "http://user:hunter2@redis:6379"})
         self.assertNotIn("hunter2", str(error))
 
+    def test_numbers_must_be_finite(self) -> None:
+        """nan passes every bound (nan < minimum is False) and inf overflows
+        the timers: AUTOGPT_WS_SHUTDOWN_TIMEOUT=nan failed only at stop."""
+        for raw in ("nan", "NaN", "inf", "-inf", "1e999"):
+            self.refused("shutdown_timeout", env={**NO_AUTH, "AUTOGPT_WS_SHUTDOWN_TIMEOUT": raw},
+                         contains="not a finite number")
+        self.refused("rate_limit", file=self.write("rate_limit: .nan\n"), contains="not a finite number")
+        self.refused("catchup_handover", overrides={"catchup_handover": float("inf")}, contains="not a finite number")
+        self.refused("ping_interval", file=self.write(f"ping_interval: {10 ** 400}\n"), contains="not a number")
+
 
 class Sources(Base):
     """FIELDS is the single source: Settings, config.yaml and the docs/operations.md
