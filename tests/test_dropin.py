@@ -329,6 +329,48 @@ class Detection(TestCase):
         self.assertNotIn("wrong", reason.replace("WRONGPASS", ""))
         self.assertIsNone(wrong.bus.inner)
 
+    def serve_with(self, settings: Any, build: Any) -> WebsocketServer:
+        """A running server whose auto bus builds the bus found with
+        ``build(kind, server)``."""
+        from autogpt_ws.bus.detect import AutoBus
+
+        holder: list[WebsocketServer] = []
+        server = WebsocketServer(settings, reactor=reactor,
+                                 bus=AutoBus(settings, reactor, lambda kind: build(kind, holder[0])))
+        holder.append(server)
+        server.privilegedStartService()
+        server.startService()
+        self.addCleanup(lambda: server.stopService() if server.running else None)
+        return server
+
+    @inlineCallbacks
+    def test_a_bus_that_fails_to_start_is_asked_again(self) -> Any:
+        """The bus found cannot be built once (a bug, a resource short):
+        logged, /ready says why, and the question is asked again with
+        backoff until the bus is built; the server ends up ready."""
+        from autogpt_ws.running.service import make_bus
+
+        redis = redis_server(self)
+        settings = load(None, env={"ENABLE_AUTH": "false", "WEBSOCKET_SERVER_HOST": "127.0.0.1",
+                                   "WEBSOCKET_SERVER_PORT": "0", "REDIS_HOST": "127.0.0.1",
+                                   "REDIS_PORT": str(redis.port)})
+        built: list[str] = []
+
+        def build(kind: str, server: WebsocketServer) -> Any:
+            built.append(kind)
+            if len(built) == 1:
+                raise ValueError("no bus this time")
+            return make_bus(settings, server.router, reactor, server.stats, server.hub, kind)
+
+        server = self.serve_with(settings, build)
+        yield wait_for(lambda: built, timeout=10)
+        self.assertEqual(server.ready(), (False, f"finding out whether the Redis at 127.0.0.1:{redis.port} is a "
+                                                 "cluster: cannot start the redis event bus: no bus this time"))
+        yield wait_for(lambda: server.ready()[0], timeout=15)
+        self.assertEqual(built, ["redis", "redis"])
+        self.assertEqual(server.bus.inner.kind, "redis")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
     @inlineCallbacks
     def test_a_named_bus_wins(self) -> Any:
         cluster = shared_fixture("cluster-0", lambda: make_cluster(0, 5000))
