@@ -112,6 +112,56 @@ def error_frame(text: str) -> bytes:
     return wire.error(text)
 
 
+class DeafTLSRedis:
+    """A TLS peer on loopback that answers CLIENT SETNAME and ``INFO
+    cluster`` as a single Redis does, then never reads again and never
+    closes (no close_notify answered) until the test's cleanup."""
+
+    def __init__(self, test: TestCase, directory: str) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(os.path.join(directory, "server.pem"), os.path.join(directory, "server.key"))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.answered = threading.Event()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.stop)
+
+    def _serve(self) -> None:
+        info = b"# Cluster\r\ncluster_enabled:0\r\n"
+        try:
+            conn, _ = self.listener.accept()
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                data = b""
+                for marker, reply in ((b"SETNAME", b"+OK\r\n"), (b"INFO", b"$%d\r\n%s\r\n" % (len(info), info))):
+                    while marker not in data:
+                        chunk = tls.recv(4096)
+                        if not chunk:
+                            return
+                        data += chunk
+                    tls.sendall(reply)
+                self.answered.set()
+                self.done.wait(120)
+        except OSError:
+            return
+
+    def stop(self) -> None:
+        import socket
+
+        self.done.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes an accept() still waiting
+        except OSError:
+            pass
+        self.listener.close()
+        self.thread.join(10)
+
+
 class AutogptEnvironment(TestCase):
     """The server as a process given AutoGPT's websocket_server environment."""
 
@@ -370,6 +420,32 @@ class Detection(TestCase):
         self.assertEqual(built, ["redis", "redis"])
         self.assertEqual(server.bus.inner.kind, "redis")
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    @inlineCallbacks
+    def test_a_tls_peer_that_never_closes_does_not_hold_detection(self) -> Any:
+        """Over TLS a close waits for the peer's close_notify: a Redis (or a
+        proxy) that answers INFO and then never closes must not keep the
+        question open once it is answered."""
+        from tests.test_bus_redis import write_pki
+
+        directory = tempfile.mkdtemp(prefix="autogpt-ws-detect-tls-")
+        ca = write_pki(directory)
+        peer = DeafTLSRedis(self, directory)
+        settings = load(None, env={"ENABLE_AUTH": "false", "WEBSOCKET_SERVER_HOST": "127.0.0.1",
+                                   "WEBSOCKET_SERVER_PORT": "0", "REDIS_URL": f"rediss://localhost:{peer.port}",
+                                   "REDIS_TLS_CA_FILE": ca, "REDIS_CONNECT_TIMEOUT": "30"})
+        from autogpt_ws.bus.memory import MemoryBus
+
+        built: list[str] = []
+
+        def build(kind: str, server: WebsocketServer) -> Any:
+            built.append(kind)
+            return MemoryBus(server.router)
+
+        server = self.serve_with(settings, build)
+        yield wait_for(lambda: server.ready()[0], timeout=10)
+        self.assertEqual(built, ["redis"])
+        self.assertTrue(peer.answered.is_set())
 
     @inlineCallbacks
     def test_a_named_bus_wins(self) -> Any:

@@ -128,12 +128,14 @@ class AutoBus(MultiService):
             yield handshake(conn, o.username, o.password, 0, "autogpt-ws-detect")
             info = yield conn.command("INFO", "cluster")
         finally:
-            if deadline.active():
-                deadline.cancel()
+            # aborted, not closed: over TLS a close waits for the peer's
+            # close_notify, which a peer may never send; the answer is in
             gone = closed(conn)
             if conn.connected and conn.transport is not None:
-                conn.transport.loseConnection()
+                conn.transport.abortConnection()
             yield gone
+            if deadline.active():
+                deadline.cancel()
         return cluster_enabled(info)
 
     def _answered(self, is_cluster: bool) -> None:
