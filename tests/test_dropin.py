@@ -422,6 +422,21 @@ class Detection(TestCase):
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
     @inlineCallbacks
+    def test_the_next_seed_is_asked_when_one_is_down(self) -> Any:
+        """REDIS_CLUSTER_NODES lists more seeds: an attempt asks the next
+        one in turn, so a first seed that is down does not stop detection."""
+        cluster = shared_fixture("cluster-0", lambda: make_cluster(0, 5000))
+        cluster.wait_ok()
+        dead = free_port()
+        server = self.serve(REDIS_CLUSTER_HOST="127.0.0.1", REDIS_CLUSTER_PORT=str(dead),
+                            REDIS_CLUSTER_NODES=f"127.0.0.1:{cluster.ports[0]}",
+                            DATABASE_URL="postgresql://unused@127.0.0.1:9/unused")
+        yield wait_for(lambda: server.ready()[0], timeout=20)
+        self.assertEqual(server.bus.inner.kind, "redis-cluster")
+        self.assertEqual(server.bus.address, ("127.0.0.1", cluster.ports[0]))
+        self.assertEqual(server.bus.attempts, 2)
+
+    @inlineCallbacks
     def test_a_tls_peer_that_never_closes_does_not_hold_detection(self) -> Any:
         """Over TLS a close waits for the peer's close_notify: a Redis (or a
         proxy) that answers INFO and then never closes must not keep the

@@ -10,11 +10,14 @@ matching bus as its child: ``redis-cluster`` when it says
 
 Until it knows (the Redis is unreachable, or refuses the password) it tries
 again with backoff (0.5 s doubling to 8 s, with jitter) and ``/ready``
-answers 503 saying why.  A bus found but not built (its construction or
-start fails) is logged and the question asked again, with the same
-backoff.  Sockets are served meanwhile; subscriptions they make are taken
-over by the bus once it starts.  The question is asked once per start: a
-Redis does not change kind under a running server.
+answers 503 saying why.  Each attempt asks the next address of the seed
+list in turn (the seed, then each of ``REDIS_CLUSTER_NODES``), so one node
+down, or a list with no seed of its own, does not stop it.  A bus found
+but not built (its construction or start fails) is logged and the
+question asked again, with the same backoff.  Sockets are served
+meanwhile; subscriptions they make are taken over by the bus once it
+starts.  The question is asked once per start: a Redis does not change
+kind under a running server.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..config import Settings, redis_seed
+from ..config import Settings
 from . import IEventBus
 from .redis_client import describe_error
 from .resp import RedisProtocol, connect, handshake
 from .shard import ConnectOptions, backoff, closed
-from .slots import format_address
+from .slots import Address, format_address, seed_nodes
 
 log = Logger()
 
@@ -57,7 +60,8 @@ class AutoBus(MultiService):
         self.reactor = reactor
         self.build = build
         self.rng = rng
-        self.address = redis_seed(settings)
+        self.seeds: list[Address] = seed_nodes(settings)
+        self.address: Address = self.seeds[0]  # the one asked last (or first, before any attempt)
         self.inner: IEventBus | None = None
         self.attempts = 0
         self._reason = "not started"
@@ -113,6 +117,7 @@ class AutoBus(MultiService):
         self._retry = None
         if not self.running or self.inner is not None:
             return
+        self.address = self.seeds[self.attempts % len(self.seeds)]  # round-robin over the seeds
         self.attempts += 1
         self._asking = d = self._info()
         # chained, not side by side: a failure in _answered lands in _failed too
