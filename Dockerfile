@@ -3,7 +3,7 @@
 #   docker build -t autogpt-ws .
 #   docker run --rm -p 8001:8001 -e ENABLE_AUTH=false autogpt-ws autogpt-ws --demo
 #
-# Configuration comes from the environment only (README, "Configuration");
+# Configuration comes from the environment only (docs/operations.md, "Configuration");
 # no config.yaml is read unless AUTOGPT_WS_CONFIG names one.  BASE_IMAGE may
 # name any Debian-like image with Python >= 3.11 (python3 and its venv module),
 # the same one for both stages.
@@ -16,8 +16,8 @@ COPY setup.cfg setup.py README.md /src/
 COPY autogpt_ws /src/autogpt_ws
 COPY twisted /src/twisted
 COPY deploy/healthcheck.py /opt/autogpt-ws/healthcheck.py
-# psycopg (the sharded bus's execution lookup) is named on its own, so this
-# works whether it is a core dependency or the "cluster" extra.  Then the
+# psycopg (the sharded bus's execution lookup) is a core dependency in
+# setup.cfg; naming it here as well installs nothing more.  Then the
 # installers go (nothing is built at run time), and Twisted's plugin cache is
 # written now, since the running user cannot write into the venv.
 RUN /opt/autogpt-ws/bin/pip install /src "psycopg[binary]>=3.1" \

@@ -167,12 +167,18 @@ def validate(settings: Settings) -> Settings:
                 raise ConfigError("cors_allow_origins", f"{origin!r} is a localhost origin, refused when APP_ENV=prod")
     if settings.redis_url and not re.match(r"^rediss?://", settings.redis_url):
         raise ConfigError("redis_url", f"{_redact_url(settings.redis_url)!r} must start with redis:// or rediss://")
+    if settings.redis_url:
+        _check_url("redis_url", settings.redis_url, redis=True)
     if settings.redis_tls_ca_file and not os.path.isfile(settings.redis_tls_ca_file):
         raise ConfigError("redis_tls_ca_file", f"file {settings.redis_tls_ca_file!r} does not exist")
     for node in settings.redis_cluster_nodes:
         host, _, port = node.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError("redis_cluster_nodes", f"{node!r} is not host:port")
+    if settings.database_url:
+        if not re.match(r"^postgres(ql)?://", settings.database_url):
+            raise ConfigError("database_url", "must start with postgresql:// (or postgres://)")
+        _check_url("database_url", settings.database_url, redis=False)
     if settings.event_bus == "redis-cluster" and not settings.database_url:
         raise ConfigError("database_url", "required when event_bus is redis-cluster (an execution's graph id comes from the AutoGPT database)")
     return settings
@@ -233,6 +239,33 @@ def _check_endpoint(description: str) -> None:
             raise ConfigError("listen", f"{name} file {value!r} does not exist")
     if kind == "ssl" and not any(a.startswith("privateKey=") for a in args):
         raise ConfigError("listen", f"{description!r}: ssl endpoints need privateKey=<file>")
+
+
+_URL_HINT = ("percent-encode reserved characters in the user name and password "
+             "(# as %23, ? as %3F, / as %2F, @ as %40, : as %3A, % as %25)")
+
+
+def _check_url(key: str, url: str, *, redis: bool) -> None:
+    """Refuse what would fail later, at connect time, with a traceback: a
+    port part that is not a number, text after the host that is really
+    the rest of a password (a ``#``, ``?`` or ``/`` in it ends the
+    authority early), and for Redis a database that is not a number.
+    The URL is never shown: what is cut off may be a password."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError when the port part is not a number or out of range)
+    except ValueError:
+        raise ConfigError(key, f"its host and port cannot be read (the port must be a number, 0 to 65535); "
+                          f"{_URL_HINT}") from None
+    if parts.fragment or "@" in parts.path or "@" in parts.query:
+        raise ConfigError(key, f"text after its host looks like the rest of a password; {_URL_HINT}")
+    if not redis:
+        return
+    db = parts.path.lstrip("/")  # no host is localhost, as redis_address() and redis-py take it
+    if db and not db.isdigit():
+        raise ConfigError(key, "the path must be a database number (redis://host:6379/0)")
 
 
 def _redact_url(url: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -56,9 +57,12 @@ def _to_float(raw: Any) -> float:
     if isinstance(raw, bool):
         raise ValueError(f"{raw!r} is not a number")
     try:
-        return float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
-    except ValueError:
+        value = float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
+    except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
         raise ValueError(f"{raw!r} is not a number") from None
+    if not math.isfinite(value):  # nan passes every bound (nan < minimum is False); inf overflows timers
+        raise ValueError(f"{raw!r} is not a finite number")
+    return value
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -204,7 +208,7 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
            choices=("auto", "memory", "redis", "redis-cluster")),
         _f("execution_event_bus_name", "str", "execution_event", "EXECUTION_EVENT_BUS_NAME", "execution events channel prefix"),
         _f("notification_event_bus_name", "str", "notification_event", "NOTIFICATION_EVENT_BUS_NAME", "notifications channel prefix"),
-        _f("redis_url", "str", "", "REDIS_URL", "redis:// or rediss:// URL; wins over the redis_* settings below"),
+        _f("redis_url", "str", "", "REDIS_URL", "redis:// or rediss:// URL (reserved characters in the password percent-encoded: # as %23); wins over the redis_* settings below"),
         _f("redis_host", "str", "localhost", "REDIS_HOST", "Redis host"),
         _f("redis_port", "int", 6379, "REDIS_PORT", "Redis port", minimum=1, maximum=65535),
         _f("redis_username", "str", "", "REDIS_USERNAME", "Redis ACL user (empty: default user)"),
@@ -220,7 +224,7 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("redis_use_announced_address", "bool", False, "REDIS_USE_ANNOUNCED_ADDRESS",
            "redis-cluster: reach shards at the addresses or host names they announce (false: the seed host with the announced port)"),
         _f("database_url", "str", "", "DATABASE_URL",
-           "redis-cluster: AutoGPT's PostgreSQL (Prisma URL; ?schema= honoured), to look an execution up"),
+           "redis-cluster: AutoGPT's PostgreSQL (Prisma URL; ?schema= honoured; reserved characters in the password percent-encoded), to look an execution up"),
         _f("database_timeout", "float", 5.0, "AUTOGPT_WS_DATABASE_TIMEOUT",
            "redis-cluster: seconds an execution lookup may take before the subscribe gets an error reply", minimum=0.1),
         _f("execution_not_found_reply", "bool", True, "EXECUTION_NOT_FOUND_REPLY",

@@ -29,7 +29,7 @@ from autogpt_ws.core.channels import Layout
 from autogpt_ws.producing import publish
 from autogpt_ws.running.service import WebsocketServer
 from autogpt_ws.stats import Stats
-from tests.helpers import SECRET, Client, U, make_settings, redis_call, sleep, wait_for
+from tests.helpers import SECRET, Client, SilentServer, U, make_settings, redis_call, sleep, wait_for
 from tests.test_bus_cluster import ClusterTestCase, uid
 
 LAYOUT = Layout()
@@ -137,6 +137,34 @@ class Reconnects(ClusterTestCase):
         key = wire.exec_key(U, execution)
         self.assertEqual(replayed.messages[1:], [wire.push(wire.GRAPH_EVENT, key, event_bytes(final))])
         yield wait_for(lambda: stopping.called, timeout=5)
+
+    @inlineCallbacks
+    def test_a_shard_that_never_answers_does_not_hold_the_stop(self) -> Any:
+        """The hand-over asks each channel's master who else holds it; a
+        master that accepts and never answers (a loopback listener stands
+        in for it here) costs the stop no more than its budget: the stop
+        completes within shutdown_timeout, the hand-over given up."""
+        from twisted.internet import reactor
+
+        from autogpt_ws.bus.redis_client import RedisAddress, RedisPublisher
+
+        database = self.database()
+        server = yield self.serve(database, catchup_handover=60.0, shutdown_timeout=1.5)
+        graph, execution = uid("g"), uid("e")
+        database.add(execution, graph, U)
+        client = yield self.client(server)
+        yield self.subscribe(server, client, "graph_exec_id", execution)
+        self.assertTrue(server.bus.recording())
+        silent = SilentServer(self)
+        stand_in = RedisPublisher(RedisAddress(host="127.0.0.1", port=silent.port), reactor, name="autogpt-ws-store")
+        self.addCleanup(stand_in.close)
+        self.patch(server.bus.store, "node", lambda address: stand_in)
+        stopping = server.stopService()
+        code, _ = yield client.closed
+        self.assertEqual(code, 1001)
+        yield wait_for(lambda: stopping.called, timeout=server.settings.shutdown_timeout + 3)
+        self.assertTrue(silent.accepted, "the hand-over asked the silent master")
+        self.assertFalse(server.running)
 
     @inlineCallbacks
     def test_restart_with_nobody_up_in_between(self) -> Any:

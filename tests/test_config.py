@@ -236,6 +236,39 @@ class Rejections(Base):
         error = self.refused("redis_url", env={**NO_AUTH, "REDIS_URL": "http://user:hunter2@redis:6379"})
         self.assertNotIn("hunter2", str(error))
 
+    def test_a_password_that_breaks_the_url(self) -> None:
+        """A ``#``, ``?`` or ``/`` in a password ends the URL's authority
+        early: refused at load, naming the setting and the cure, never
+        showing what was cut off (it is part of the password)."""
+        for url in ("redis://:p#ss@redis:6379", "redis://:p?ss@redis:6379", "redis://u:p/ss@redis:6379/0",
+                    "redis://:12#34@redis", "rediss://:p#ss@redis"):
+            error = self.refused("redis_url", env={**NO_AUTH, "REDIS_URL": url}, contains="percent-encode")
+            self.assertIn("%23", str(error))
+            self.assertNotIn("ss@", str(error))
+            self.assertNotIn("34@", str(error))
+        self.refused("redis_url", env={**NO_AUTH, "REDIS_URL": "redis://cache:6379/zero"}, contains="database number")
+        for url in ("postgresql://u:pa#ss@db:5432/x?schema=platform", "postgresql://u:pa?ss@db:5432/x",
+                    "postgres://u:12#34@db/x"):
+            error = self.refused("database_url", env={**NO_AUTH, "DATABASE_URL": url}, contains="percent-encode")
+            self.assertNotIn("ss@", str(error))
+        self.refused("database_url", env={**NO_AUTH, "DATABASE_URL": "mysql://db/autogpt"}, contains="postgresql://")
+        # percent-encoded, both load, and the password is decoded where it is used
+        settings = load(None, {**NO_AUTH, "REDIS_URL": "redis://:p%23ss@redis:6379/2",
+                               "DATABASE_URL": "postgresql://u:pa%23ss@db:5432/x?schema=platform"})
+        self.assertEqual((config.redis_address(settings)["password"], config.redis_address(settings)["db"]),
+                         ("p#ss", 2))
+        load(None, {**NO_AUTH, "REDIS_URL": "redis://redis", "DATABASE_URL": "postgresql:///autogpt?host=/run/pg"})
+
+    def test_numbers_must_be_finite(self) -> None:
+        """nan passes every bound (nan < minimum is False) and inf overflows
+        the timers: AUTOGPT_WS_SHUTDOWN_TIMEOUT=nan failed only at stop."""
+        for raw in ("nan", "NaN", "inf", "-inf", "1e999"):
+            self.refused("shutdown_timeout", env={**NO_AUTH, "AUTOGPT_WS_SHUTDOWN_TIMEOUT": raw},
+                         contains="not a finite number")
+        self.refused("rate_limit", file=self.write("rate_limit: .nan\n"), contains="not a finite number")
+        self.refused("catchup_handover", overrides={"catchup_handover": float("inf")}, contains="not a finite number")
+        self.refused("ping_interval", file=self.write(f"ping_interval: {10 ** 400}\n"), contains="not a number")
+
 
 class Sources(Base):
     """FIELDS is the single source: Settings, config.yaml and the docs/operations.md

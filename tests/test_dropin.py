@@ -112,6 +112,56 @@ def error_frame(text: str) -> bytes:
     return wire.error(text)
 
 
+class DeafTLSRedis:
+    """A TLS peer on loopback that answers CLIENT SETNAME and ``INFO
+    cluster`` as a single Redis does, then never reads again and never
+    closes (no close_notify answered) until the test's cleanup."""
+
+    def __init__(self, test: TestCase, directory: str) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(os.path.join(directory, "server.pem"), os.path.join(directory, "server.key"))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.answered = threading.Event()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.stop)
+
+    def _serve(self) -> None:
+        info = b"# Cluster\r\ncluster_enabled:0\r\n"
+        try:
+            conn, _ = self.listener.accept()
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                data = b""
+                for marker, reply in ((b"SETNAME", b"+OK\r\n"), (b"INFO", b"$%d\r\n%s\r\n" % (len(info), info))):
+                    while marker not in data:
+                        chunk = tls.recv(4096)
+                        if not chunk:
+                            return
+                        data += chunk
+                    tls.sendall(reply)
+                self.answered.set()
+                self.done.wait(120)
+        except OSError:
+            return
+
+    def stop(self) -> None:
+        import socket
+
+        self.done.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes an accept() still waiting
+        except OSError:
+            pass
+        self.listener.close()
+        self.thread.join(10)
+
+
 class AutogptEnvironment(TestCase):
     """The server as a process given AutoGPT's websocket_server environment."""
 
@@ -328,6 +378,89 @@ class Detection(TestCase):
         self.assertIn("WRONGPASS", reason)
         self.assertNotIn("wrong", reason.replace("WRONGPASS", ""))
         self.assertIsNone(wrong.bus.inner)
+
+    def serve_with(self, settings: Any, build: Any) -> WebsocketServer:
+        """A running server whose auto bus builds the bus found with
+        ``build(kind, server)``."""
+        from autogpt_ws.bus.detect import AutoBus
+
+        holder: list[WebsocketServer] = []
+        server = WebsocketServer(settings, reactor=reactor,
+                                 bus=AutoBus(settings, reactor, lambda kind: build(kind, holder[0])))
+        holder.append(server)
+        server.privilegedStartService()
+        server.startService()
+        self.addCleanup(lambda: server.stopService() if server.running else None)
+        return server
+
+    @inlineCallbacks
+    def test_a_bus_that_fails_to_start_is_asked_again(self) -> Any:
+        """The bus found cannot be built once (a bug, a resource short):
+        logged, /ready says why, and the question is asked again with
+        backoff until the bus is built; the server ends up ready."""
+        from autogpt_ws.running.service import make_bus
+
+        redis = redis_server(self)
+        settings = load(None, env={"ENABLE_AUTH": "false", "WEBSOCKET_SERVER_HOST": "127.0.0.1",
+                                   "WEBSOCKET_SERVER_PORT": "0", "REDIS_HOST": "127.0.0.1",
+                                   "REDIS_PORT": str(redis.port)})
+        built: list[str] = []
+
+        def build(kind: str, server: WebsocketServer) -> Any:
+            built.append(kind)
+            if len(built) == 1:
+                raise ValueError("no bus this time")
+            return make_bus(settings, server.router, reactor, server.stats, server.hub, kind)
+
+        server = self.serve_with(settings, build)
+        yield wait_for(lambda: built, timeout=10)
+        self.assertEqual(server.ready(), (False, f"finding out whether the Redis at 127.0.0.1:{redis.port} is a "
+                                                 "cluster: cannot start the redis event bus: no bus this time"))
+        yield wait_for(lambda: server.ready()[0], timeout=15)
+        self.assertEqual(built, ["redis", "redis"])
+        self.assertEqual(server.bus.inner.kind, "redis")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    @inlineCallbacks
+    def test_the_next_seed_is_asked_when_one_is_down(self) -> Any:
+        """REDIS_CLUSTER_NODES lists more seeds: an attempt asks the next
+        one in turn, so a first seed that is down does not stop detection."""
+        cluster = shared_fixture("cluster-0", lambda: make_cluster(0, 5000))
+        cluster.wait_ok()
+        dead = free_port()
+        server = self.serve(REDIS_CLUSTER_HOST="127.0.0.1", REDIS_CLUSTER_PORT=str(dead),
+                            REDIS_CLUSTER_NODES=f"127.0.0.1:{cluster.ports[0]}",
+                            DATABASE_URL="postgresql://unused@127.0.0.1:9/unused")
+        yield wait_for(lambda: server.ready()[0], timeout=20)
+        self.assertEqual(server.bus.inner.kind, "redis-cluster")
+        self.assertEqual(server.bus.address, ("127.0.0.1", cluster.ports[0]))
+        self.assertEqual(server.bus.attempts, 2)
+
+    @inlineCallbacks
+    def test_a_tls_peer_that_never_closes_does_not_hold_detection(self) -> Any:
+        """Over TLS a close waits for the peer's close_notify: a Redis (or a
+        proxy) that answers INFO and then never closes must not keep the
+        question open once it is answered."""
+        from tests.test_bus_redis import write_pki
+
+        directory = tempfile.mkdtemp(prefix="autogpt-ws-detect-tls-")
+        ca = write_pki(directory)
+        peer = DeafTLSRedis(self, directory)
+        settings = load(None, env={"ENABLE_AUTH": "false", "WEBSOCKET_SERVER_HOST": "127.0.0.1",
+                                   "WEBSOCKET_SERVER_PORT": "0", "REDIS_URL": f"rediss://localhost:{peer.port}",
+                                   "REDIS_TLS_CA_FILE": ca, "REDIS_CONNECT_TIMEOUT": "30"})
+        from autogpt_ws.bus.memory import MemoryBus
+
+        built: list[str] = []
+
+        def build(kind: str, server: WebsocketServer) -> Any:
+            built.append(kind)
+            return MemoryBus(server.router)
+
+        server = self.serve_with(settings, build)
+        yield wait_for(lambda: server.ready()[0], timeout=10)
+        self.assertEqual(built, ["redis"])
+        self.assertTrue(peer.answered.is_set())
 
     @inlineCallbacks
     def test_a_named_bus_wins(self) -> Any:

@@ -91,3 +91,39 @@ class Gate(TestCase):
         self.gate.stop()
         self.assertEqual(results, [[]])
         self.bus.reactor.advance(10)  # the timeout finds it answered
+
+
+class SilentNode:
+    """A master that takes commands and never answers."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[Any, ...]] = []
+
+    def command(self, *args: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        self.asked.append(args)
+        return Deferred()
+
+
+class HandOver(TestCase):
+    """The hand-over on a graceful stop is bounded by its budget even when a
+    master never answers (on a real cluster: test_catchup_cluster)."""
+
+    def test_a_master_that_never_answers_costs_at_most_the_budget(self) -> None:
+        from types import SimpleNamespace
+
+        bus = Channels()
+        bus.recording = lambda: [CHANNEL]  # type: ignore[method-assign]
+        bus.placed = lambda channel: ("127.0.0.1", 7000)  # type: ignore[method-assign]
+        node = SilentNode()
+        catchup = SimpleNamespace(store=SimpleNamespace(node=lambda address: node))
+        gate = ClusterGate(bus, None, catchup, timeout=5.0)  # type: ignore[arg-type]
+        done: list[Any] = []
+        gate.hand_over(2.0).addBoth(done.append)
+        self.assertEqual(node.asked, [("PUBSUB", "SHARDNUMSUB", CHANNEL)])
+        bus.reactor.advance(1.9)
+        self.assertEqual(done, [])
+        bus.reactor.advance(0.1)
+        self.assertEqual(done, [None])  # given up, not failed
+        self.assertEqual(node.asked, [("PUBSUB", "SHARDNUMSUB", CHANNEL)])

@@ -332,6 +332,19 @@ class CommandLine(TestCase):
         self.assertEqual(done.stderr, "autogpt-ws: configuration error: rate_limt (from command line): "
                                       "unknown setting (did you mean rate_limit?)\n")
 
+    def test_a_password_that_breaks_a_url_is_one_line(self) -> None:
+        """Not a traceback at connect time: one line naming the setting, exit 2."""
+        for name, env in (("redis_url", {"REDIS_URL": "redis://:p#ss@127.0.0.1:6379"}),
+                          ("database_url", {"EVENT_BUS": "redis-cluster", "REDIS_CLUSTER_HOST": "127.0.0.1",
+                                            "REDIS_CLUSTER_PORT": "9",
+                                            "DATABASE_URL": "postgresql://u:pa#ss@127.0.0.1:5432/x?schema=platform"})):
+            done = subprocess.run(ws_py(), env=clean_env(**env), capture_output=True, text=True, timeout=60,
+                                  cwd=tempfile.gettempdir())
+            self.assertEqual(done.returncode, 2, done.stderr)
+            self.assertTrue(done.stderr.startswith(f"autogpt-ws: configuration error: {name}: "), done.stderr)
+            self.assertEqual(done.stderr.count("\n"), 1, done.stderr)
+            self.assertIn("percent-encode", done.stderr)
+
     def test_startup_line_names_the_address_and_the_worker(self) -> None:
         from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 

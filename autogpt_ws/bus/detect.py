@@ -10,9 +10,14 @@ matching bus as its child: ``redis-cluster`` when it says
 
 Until it knows (the Redis is unreachable, or refuses the password) it tries
 again with backoff (0.5 s doubling to 8 s, with jitter) and ``/ready``
-answers 503 saying why.  Sockets are served meanwhile; subscriptions they
-make are taken over by the bus once it starts.  The question is asked once
-per start: a Redis does not change kind under a running server.
+answers 503 saying why.  Each attempt asks the next address of the seed
+list in turn (the seed, then each of ``REDIS_CLUSTER_NODES``), so one node
+down, or a list with no seed of its own, does not stop it.  A bus found
+but not built (its construction or start fails) is logged and the
+question asked again, with the same backoff.  Sockets are served
+meanwhile; subscriptions they make are taken over by the bus once it
+starts.  The question is asked once per start: a Redis does not change
+kind under a running server.
 """
 
 from __future__ import annotations
@@ -23,14 +28,15 @@ from typing import Any, Callable
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..config import Settings, redis_seed
+from ..config import Settings
 from . import IEventBus
 from .redis_client import describe_error
 from .resp import RedisProtocol, connect, handshake
 from .shard import ConnectOptions, backoff, closed
-from .slots import format_address
+from .slots import Address, format_address, seed_nodes
 
 log = Logger()
 
@@ -54,7 +60,8 @@ class AutoBus(MultiService):
         self.reactor = reactor
         self.build = build
         self.rng = rng
-        self.address = redis_seed(settings)
+        self.seeds: list[Address] = seed_nodes(settings)
+        self.address: Address = self.seeds[0]  # the one asked last (or first, before any attempt)
         self.inner: IEventBus | None = None
         self.attempts = 0
         self._reason = "not started"
@@ -110,9 +117,11 @@ class AutoBus(MultiService):
         self._retry = None
         if not self.running or self.inner is not None:
             return
+        self.address = self.seeds[self.attempts % len(self.seeds)]  # round-robin over the seeds
         self.attempts += 1
         self._asking = d = self._info()
-        d.addCallbacks(self._answered, self._failed)
+        # chained, not side by side: a failure in _answered lands in _failed too
+        d.addCallback(self._answered).addErrback(self._failed)
 
     @inlineCallbacks
     def _info(self) -> Any:
@@ -124,12 +133,14 @@ class AutoBus(MultiService):
             yield handshake(conn, o.username, o.password, 0, "autogpt-ws-detect")
             info = yield conn.command("INFO", "cluster")
         finally:
-            if deadline.active():
-                deadline.cancel()
+            # aborted, not closed: over TLS a close waits for the peer's
+            # close_notify, which a peer may never send; the answer is in
             gone = closed(conn)
             if conn.connected and conn.transport is not None:
-                conn.transport.loseConnection()
+                conn.transport.abortConnection()
             yield gone
+            if deadline.active():
+                deadline.cancel()
         return cluster_enabled(info)
 
     def _answered(self, is_cluster: bool) -> None:
@@ -138,22 +149,45 @@ class AutoBus(MultiService):
             return
         kind = "redis-cluster" if is_cluster else "redis"
         what = "a Redis Cluster (cluster_enabled:1)" if is_cluster else "a single Redis (cluster_enabled:0)"
-        log.info("the Redis at {address} is {what}: using the {kind} event bus", address=format_address(self.address),
+        address = format_address(self.address)
+        bus: Any = None
+        try:
+            bus = self.build(kind)
+            self.inner = bus
+            bus.setServiceParent(self)  # started at once: we are running
+        except Exception:
+            self.inner = None
+            if bus is not None and bus.parent is self:  # added, then its start failed: taken out again
+                try:
+                    bus.disownServiceParent()
+                except Exception:
+                    log.failure("removing the {kind} event bus that failed to start failed", kind=kind, bus=kind)
+            failure = Failure()
+            self._reason = f"cannot start the {kind} event bus: {describe_error(failure.value)}"
+            delay = self._again()
+            log.failure("the Redis at {address} is {what}, but the {kind} event bus could not be started; "
+                        "asking again in {delay:.1f}s", failure, address=address, what=what, kind=kind, bus=kind,
+                        delay=delay, attempts=self.attempts)
+            return
+        log.info("the Redis at {address} is {what}: using the {kind} event bus", address=address,
                  what=what, kind=kind, bus=kind)
         if is_cluster and not self.settings.database_url:
             log.error("DATABASE_URL is not set: on a Redis Cluster, subscribe_graph_execution needs AutoGPT's "
                       "database to find an execution's graph; those subscribes will get an error reply")
-        bus = self.build(kind)
-        self.inner = bus
-        bus.setServiceParent(self)  # started at once: we are running
         log.info("event bus {bus}", bus=bus.describe())
+
+    def _again(self) -> float:
+        """Ask again after the backoff of this attempt; returns the delay."""
+        delay = backoff(self.attempts, self.rng)
+        self._retry = self.reactor.callLater(delay, self._ask)
+        return delay
 
     def _failed(self, failure: Any) -> None:
         self._asking = None
         if not self.running:
             return
         self._reason = describe_error(failure.value)
-        delay = backoff(self.attempts, self.rng)
+        delay = self._again()
         problem = failure.type.__name__
         if problem != self._logged:
             self._logged = problem
@@ -162,4 +196,3 @@ class AutoBus(MultiService):
         else:
             log.debug("asking the Redis at {address} failed again ({error}); next in {delay:.1f}s",
                       address=format_address(self.address), error=self._reason, delay=delay)
-        self._retry = self.reactor.callLater(delay, self._ask)

@@ -31,7 +31,7 @@ from ..core import wire
 from ..core.channels import Layout
 from .executions import ExecutionResolver
 from .replay import ClusterCatchup
-from .slots import Address
+from .slots import Address, format_address
 
 log = Logger()
 
@@ -158,14 +158,26 @@ class ClusterGate:
                 if address is not None:
                     by_node[address].append(channel)
             for address, some in by_node.items():
+                remaining = timeout - (reactor.seconds() - started)
+                if remaining <= 0:
+                    break
+                # bounded: a master that accepts and never answers must not hold the stop
+                asked = store.node(address).command("PUBSUB", "SHARDNUMSUB", *some)
+                asked.addTimeout(remaining, reactor)
                 try:
-                    counts = yield store.node(address).command("PUBSUB", "SHARDNUMSUB", *some)
+                    counts = yield asked
+                except TimeoutError:
+                    log.warn("catch-up hand-over: {address} did not answer PUBSUB SHARDNUMSUB within {remaining:.2f}s; "
+                             "giving up on {count} channels there", address=format_address(address),
+                             remaining=remaining, count=len(some))
+                    continue
                 except Exception:
                     continue
                 for i in range(0, len(counts), 2):
                     if int(counts[i + 1]) >= 2:  # ours and another server's
                         left.discard(counts[i].decode("utf-8", "replace"))
-            if left:
-                yield deferLater(reactor, HANDOVER_POLL, lambda: None)
+            remaining = timeout - (reactor.seconds() - started)
+            if left and remaining > 0:
+                yield deferLater(reactor, min(HANDOVER_POLL, remaining), lambda: None)
         log.info("catch-up hand-over: {taken} of {count} channels taken over by another server in {elapsed:.2f}s",
                  taken=len(channels) - len(left), count=len(channels), elapsed=reactor.seconds() - started)

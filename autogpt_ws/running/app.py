@@ -57,7 +57,7 @@ def freeze_heap() -> None:
     service tree: about 60,000 objects) out of the garbage collector's
     sight.  A full collection then walks the sockets' objects only, not
     everything that lives forever anyway: connection setup costs 5-10% less
-    CPU (benchmarks/RESULTS.md).  Call once, when startup is done."""
+    CPU (docs/performance.md).  Call once, when startup is done."""
     gc.collect()
     gc.freeze()
 
