@@ -417,11 +417,17 @@ class SlowConsumer(TestCase):
             client.send(subscribe("e1"))
         yield wait_for(lambda: len(plain.messages) == 1 and len(slow.messages) == 1)
         small_kernel_buffer(server_side(server, slow))
-        slow.transport.pauseProducing()  # stops reading
         rng = random.Random(3)
         words = ["agent", "graph", "node", "output", "prompt", "数据"]
         channel = server.layout.classic_exec(U, "g1", "e1")
-        published = 0
+        # twenty read while it still reads (primed frames among them, how
+        # many it gets once it stops reading depends on the kernel's buffers)
+        for _ in range(20):
+            yield server.bus.publish(channel, publish.envelope(event_of("e1", " ".join(
+                rng.choice(words) for _ in range(rng.randint(100, 2000))))))
+        yield wait_for(lambda: len(slow.messages) == 21 and len(plain.messages) == 21)
+        slow.transport.pauseProducing()  # stops reading
+        published = 20
         while not server.stats.slow_consumer_closes:
             self.assertLess(published, 50_000, "the slow consumer was never closed")
             event = event_of("e1", " ".join(rng.choice(words) for _ in range(rng.randint(100, 2000))))
