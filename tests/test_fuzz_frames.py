@@ -203,7 +203,11 @@ class FrameFuzz(TestCase):
         port = free_port()
         env = clean_env(WEBSOCKET_SERVER_HOST="127.0.0.1", WEBSOCKET_SERVER_PORT=str(port), EVENT_BUS="memory",
                         WS_MAX_MESSAGE_SIZE=str(LIMIT), WS_MAX_SEND_BUFFER=str(SEND_BUFFER),
-                        WS_MAX_MESSAGE_FRAMES=str(MAX_FRAMES), WS_RATE_LIMIT="0", LOG_LEVEL="error")
+                        WS_MAX_MESSAGE_FRAMES=str(MAX_FRAMES), WS_RATE_LIMIT="0", LOG_LEVEL="error",
+                        # the prober answers no protocol ping: with pings on, a run longer than
+                        # its first ping (10-30 s after it opens) plus the timeout drops it
+                        # (the keepalive has tests of its own)
+                        WS_PING_INTERVAL="0")
         server = Process(self, ws_py(), env=env)
         server.wait_healthy(port)
         prober = Prober(port)
