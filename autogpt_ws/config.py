@@ -165,8 +165,6 @@ def validate(settings: Settings) -> Settings:
         for origin in settings.cors_allow_origins:
             if _is_local_origin(origin):
                 raise ConfigError("cors_allow_origins", f"{origin!r} is a localhost origin, refused when APP_ENV=prod")
-    if settings.redis_url and not re.match(r"^rediss?://", settings.redis_url):
-        raise ConfigError("redis_url", f"{_redact_url(settings.redis_url)!r} must start with redis:// or rediss://")
     if settings.redis_url:
         _check_url("redis_url", settings.redis_url, redis=True)
     if settings.redis_tls_ca_file and not os.path.isfile(settings.redis_tls_ca_file):
@@ -176,8 +174,6 @@ def validate(settings: Settings) -> Settings:
         if not host or not port.isdigit():
             raise ConfigError("redis_cluster_nodes", f"{node!r} is not host:port")
     if settings.database_url:
-        if not re.match(r"^postgres(ql)?://", settings.database_url):
-            raise ConfigError("database_url", "must start with postgresql:// (or postgres://)")
         _check_url("database_url", settings.database_url, redis=False)
     if settings.event_bus == "redis-cluster" and not settings.database_url:
         raise ConfigError("database_url", "required when event_bus is redis-cluster (an execution's graph id comes from the AutoGPT database)")
@@ -246,13 +242,18 @@ _URL_HINT = ("percent-encode reserved characters in the user name and password "
 
 
 def _check_url(key: str, url: str, *, redis: bool) -> None:
-    """Refuse what would fail later, at connect time, with a traceback: a
-    port part that is not a number, text after the host that is really
-    the rest of a password (a ``#``, ``?`` or ``/`` in it ends the
-    authority early), and for Redis a database that is not a number.
-    The URL is never shown: what is cut off may be a password."""
+    """Refuse a Redis URL (``redis``) or a PostgreSQL one that would fail
+    later, at connect time, with a traceback: another scheme, a port part
+    that is not a number, text after the host that is really the rest of
+    a password (a ``#``, ``?`` or ``/`` in it ends the authority early),
+    and for Redis a database that is not a number.  Past the scheme the
+    URL is never shown: what is cut off may be a password."""
     from urllib.parse import urlsplit
 
+    if redis and not re.match(r"^rediss?://", url):
+        raise ConfigError(key, f"{_redact_url(url)!r} must start with redis:// or rediss://")
+    if not redis and not re.match(r"^postgres(ql)?://", url):
+        raise ConfigError(key, "must start with postgresql:// (or postgres://)")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError when the port part is not a number or out of range)
