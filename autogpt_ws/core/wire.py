@@ -268,6 +268,11 @@ class OutFrame:
             wire = self._wire = ws_text_frame(self.payload)
         return wire
 
+    def is_plain(self, wire: bytes) -> bool:
+        """Whether ``wire`` is this frame uncompressed (without building
+        the uncompressed frame when nothing has needed it yet)."""
+        return wire is self._wire
+
     def deflated(self, compressor: Compressor, primed: bool = False) -> bytes:
         """The frame for sockets of ``compressor``'s window size: compressed
         on its own, or ``primed`` with the history of :attr:`prior` (for a

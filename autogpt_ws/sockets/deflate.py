@@ -145,7 +145,7 @@ class Deflater:
             return frame.wire, None
         prior = frame.prior
         wire = frame.deflated(self, prior is window and window is not None and window.history is not None)
-        if wire is frame.wire or prior is NO_STREAM or not self.history:
+        if not self.history or prior is NO_STREAM or frame.is_plain(wire):
             return wire, None
         link = frame.link
         if link is None:  # the first socket to take the frame compressed: keep its end for the next one
