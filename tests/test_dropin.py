@@ -463,6 +463,31 @@ class Detection(TestCase):
         self.assertTrue(peer.answered.is_set())
 
     @inlineCallbacks
+    def test_hang_up_ends_a_tls_connection_the_peer_never_closes(self) -> Any:
+        """bus/shard.hang_up, which ends the detection's question and the
+        cluster bus's slot-map questions alike: once the answer is in, a
+        TLS peer that never answers the close does not keep the connection
+        (nor the one asking) waiting for the connection's deadline."""
+        from twisted.internet import reactor
+
+        from autogpt_ws.bus.resp import connect, handshake
+        from autogpt_ws.bus.shard import hang_up
+        from tests.test_bus_redis import write_pki
+
+        directory = tempfile.mkdtemp(prefix="autogpt-ws-hangup-tls-")
+        ca = write_pki(directory)
+        peer = DeafTLSRedis(self, directory)
+        conn = yield connect(reactor, "localhost", peer.port, timeout=10, tls=True, ca_file=ca)
+        yield handshake(conn, name="autogpt-ws-test")
+        info = yield conn.command("INFO", "cluster")
+        self.assertIn(b"cluster_enabled:0", info)
+        deadline = reactor.callLater(60, conn.transport.abortConnection)
+        ended = hang_up(conn, deadline)
+        yield wait_for(lambda: ended.called, timeout=5)  # a close would wait for the deadline: 60 s
+        self.assertFalse(conn.connected)
+        self.assertFalse(deadline.active())
+
+    @inlineCallbacks
     def test_a_named_bus_wins(self) -> Any:
         cluster = shared_fixture("cluster-0", lambda: make_cluster(0, 5000))
         server = self.serve(REDIS_HOST="127.0.0.1", REDIS_PORT=str(cluster.ports[0]), EVENT_BUS="redis")

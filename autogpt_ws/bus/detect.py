@@ -35,7 +35,7 @@ from ..config import Settings
 from . import IEventBus
 from .redis_client import describe_error
 from .resp import RedisProtocol, connect, handshake
-from .shard import ConnectOptions, backoff, closed
+from .shard import ConnectOptions, backoff, hang_up
 from .slots import Address, format_address, seed_nodes
 
 log = Logger()
@@ -133,14 +133,7 @@ class AutoBus(MultiService):
             yield handshake(conn, o.username, o.password, 0, "autogpt-ws-detect")
             info = yield conn.command("INFO", "cluster")
         finally:
-            # aborted, not closed: over TLS a close waits for the peer's
-            # close_notify, which a peer may never send; the answer is in
-            gone = closed(conn)
-            if conn.connected and conn.transport is not None:
-                conn.transport.abortConnection()
-            yield gone
-            if deadline.active():
-                deadline.cancel()
+            yield hang_up(conn, deadline)
         return cluster_enabled(info)
 
     def _answered(self, is_cluster: bool) -> None:

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,6 +45,20 @@ def closed(proto: RedisProtocol) -> Deferred[str]:
     proto.lost.addBoth(lambda reason: done.callback(
         reason.getErrorMessage() if isinstance(reason, Failure) else "closed"))
     return done
+
+
+@inlineCallbacks
+def hang_up(conn: RedisProtocol, deadline: Any) -> Any:
+    """End a short-lived connection once its answer is in (or it failed):
+    aborted, not closed, since over TLS a close waits for the peer's
+    close_notify, which a peer may never send; ``deadline`` (the
+    connection's abort timer) is kept until the connection is gone."""
+    gone = closed(conn)
+    if conn.connected and conn.transport is not None:
+        conn.transport.abortConnection()
+    yield gone
+    if deadline.active():
+        deadline.cancel()
 
 
 def moved_target(error: str) -> tuple[int, Address] | None:

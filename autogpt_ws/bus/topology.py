@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .resp import RedisProtocol, connect, handshake
-from .shard import ConnectOptions, backoff, closed
+from .shard import ConnectOptions, backoff, closed, hang_up
 from .slots import Address, SlotMap, format_address
 
 log = Logger()
@@ -139,13 +139,8 @@ class SlotMapFeed:
             except Exception as exc:
                 errors.append(f"{format_address(address)}: {exc}")
             finally:
-                if deadline.active():
-                    deadline.cancel()
                 self._control = None
-                gone = closed(conn)
-                if conn.connected:
-                    conn.transport.loseConnection()
-                yield gone
+                yield hang_up(conn, deadline)
         raise ConnectionError("; ".join(errors) or "no seed node configured")
 
     def _open(self, address: Address) -> Deferred[RedisProtocol]:
