@@ -144,15 +144,13 @@ class Hub:
             return 0
         targets = tuple(sinks)  # a push may close a socket; never iterate the live set
         links = self._links
-        if links is None:
-            for sink in targets:
-                sink.push(frame)
-        else:
+        if links is not None:
             prior = frame.prior
             if prior is NO_STREAM:  # else already pushed to a key: it keeps its place
                 prior = frame.prior = links.get(key)
-            for sink in targets:
-                sink.push(frame)
+        for sink in targets:
+            sink.push(frame)
+        if links is not None:
             link = frame.link
             if link is not None:  # written compressed: the key's next frame may refer back to it
                 if key in self._subscribers:  # else the last socket went during the pushes
