@@ -150,15 +150,16 @@ class ClusterGate:
             return
         reactor = bus.reactor
         started = reactor.seconds()
+        deadline = started + timeout
         left = set(channels)
-        while left and reactor.seconds() - started < timeout:
+        while left and reactor.seconds() < deadline:
             by_node: dict[Any, list[str]] = defaultdict(list)
             for channel in left:
                 address = bus.placed(channel)
                 if address is not None:
                     by_node[address].append(channel)
             for address, some in by_node.items():
-                remaining = timeout - (reactor.seconds() - started)
+                remaining = deadline - reactor.seconds()
                 if remaining <= 0:
                     break
                 # bounded: a master that accepts and never answers must not hold the stop
@@ -176,7 +177,7 @@ class ClusterGate:
                 for i in range(0, len(counts), 2):
                     if int(counts[i + 1]) >= 2:  # ours and another server's
                         left.discard(counts[i].decode("utf-8", "replace"))
-            remaining = timeout - (reactor.seconds() - started)
+            remaining = deadline - reactor.seconds()
             if left and remaining > 0:
                 yield deferLater(reactor, min(HANDOVER_POLL, remaining), lambda: None)
         log.info("catch-up hand-over: {taken} of {count} channels taken over by another server in {elapsed:.2f}s",
