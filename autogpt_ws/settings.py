@@ -224,7 +224,7 @@ SECTIONS: tuple[tuple[str, tuple[Field, ...]], ...] = (
         _f("redis_use_announced_address", "bool", False, "REDIS_USE_ANNOUNCED_ADDRESS",
            "redis-cluster: reach shards at the addresses or host names they announce (false: the seed host with the announced port)"),
         _f("database_url", "str", "", "DATABASE_URL",
-           "redis-cluster: AutoGPT's PostgreSQL (Prisma URL; ?schema= honoured; reserved characters in the password percent-encoded), to look an execution up"),
+           "redis-cluster: AutoGPT's PostgreSQL, a postgresql:// URL (Prisma's; ?schema= honoured; reserved characters in the password percent-encoded), to look an execution up"),
         _f("database_timeout", "float", 5.0, "AUTOGPT_WS_DATABASE_TIMEOUT",
            "redis-cluster: seconds an execution lookup may take before the subscribe gets an error reply", minimum=0.1),
         _f("execution_not_found_reply", "bool", True, "EXECUTION_NOT_FOUND_REPLY",
